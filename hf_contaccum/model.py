@@ -1,0 +1,148 @@
+"""BiEncoder: a dual encoder that is a transformers PreTrainedModel.
+
+Being a PreTrainedModel gives save_pretrained / from_pretrained, push_to_hub and the
+Trainer's model card for free; each tower is a plain transformers encoder, so a saved
+tower also loads with AutoModel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+POOLINGS = ("cls", "mean")
+
+
+class BiEncoderConfig(PretrainedConfig):
+    model_type = "contaccum_biencoder"
+
+    def __init__(self, encoder_config=None, shared=True, pooling="mean", normalize=False, **kwargs):
+        super().__init__(**kwargs)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if isinstance(encoder_config, PretrainedConfig):
+            encoder_config = encoder_config.to_dict()
+        self.encoder_config = encoder_config or {}
+        self.shared = shared
+        self.pooling = pooling
+        self.normalize = normalize
+
+
+@dataclass
+class BiEncoderOutput(ModelOutput):
+    query_embeddings: torch.Tensor | None = None
+    passage_embeddings: torch.Tensor | None = None
+
+
+def _encoder_from_config(config_dict: dict):
+    cfg = AutoConfig.for_model(**config_dict)
+    return AutoModel.from_config(cfg)
+
+
+class BiEncoder(PreTrainedModel):
+    """Query and passage towers (one shared tower or two), pooling, optional L2 norm."""
+
+    config_class = BiEncoderConfig
+    base_model_prefix = "biencoder"
+    # The Trainer must not treat this as a model that scales its own loss (see trainer.py).
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: BiEncoderConfig, query_encoder=None, passage_encoder=None):
+        super().__init__(config)
+        self.query_encoder = query_encoder if query_encoder is not None else _encoder_from_config(config.encoder_config)
+        if not config.shared:
+            self.passage_encoder = (passage_encoder if passage_encoder is not None
+                                    else _encoder_from_config(config.encoder_config))
+        self.tokenizer = None
+        self.post_init()
+
+    def _init_weights(self, module):
+        # towers are initialised by their own classes (or loaded); nothing to add here
+        pass
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def from_encoder(cls, name_or_path: str, shared: bool = True, pooling: str = "mean",
+                     normalize: bool = False, **hub_kwargs) -> "BiEncoder":
+        """Build from any transformers encoder checkpoint (hub id or local folder)."""
+        query = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
+        passage = None if shared else AutoModel.from_pretrained(name_or_path, **hub_kwargs)
+        config = BiEncoderConfig(query.config, shared=shared, pooling=pooling, normalize=normalize,
+                                 base_model_name=str(name_or_path))
+        model = cls(config, query_encoder=query, passage_encoder=passage)
+        model.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+        return model
+
+    @classmethod
+    def from_encoder_config(cls, encoder_config: PretrainedConfig, shared=True, pooling="mean", normalize=False):
+        """Randomly initialised towers from a config (tests, or training from scratch)."""
+        return cls(BiEncoderConfig(encoder_config, shared=shared, pooling=pooling, normalize=normalize))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        try:  # the Trainer saves the tokenizer beside the weights
+            model.tokenizer = AutoTokenizer.from_pretrained(args[0] if args else kwargs["pretrained_model_name_or_path"])
+        except (OSError, ValueError, KeyError):
+            model.tokenizer = None
+        return model
+
+    @property
+    def passage_tower(self):
+        return self.query_encoder if self.config.shared else self.passage_encoder
+
+    # -- encoding --------------------------------------------------------------------
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.config.pooling == "cls":
+            out = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(out, dim=-1) if self.config.normalize else out
+
+    def _embed(self, tower, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.pool(tower(**kwargs).last_hidden_state, attention_mask)
+
+    def forward(self, query_input_ids=None, query_attention_mask=None, passage_input_ids=None,
+                passage_attention_mask=None, query_token_type_ids=None, passage_token_type_ids=None):
+        """One call for both towers, so DDP sees every parameter used in one forward."""
+        q = p = None
+        if query_input_ids is not None:
+            q = self._embed(self.query_encoder, query_input_ids, query_attention_mask, query_token_type_ids)
+        if passage_input_ids is not None:
+            p = self._embed(self.passage_tower, passage_input_ids, passage_attention_mask, passage_token_type_ids)
+        return BiEncoderOutput(query_embeddings=q, passage_embeddings=p)
+
+    @torch.no_grad()
+    def _encode_texts(self, texts, side, batch_size, max_length, tokenizer, show_progress):
+        from tqdm.auto import tqdm
+
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            raise ValueError("no tokenizer: pass tokenizer=... or load the model with from_encoder/from_pretrained")
+        was_training = self.training
+        self.eval()
+        out = []
+        for start in tqdm(range(0, len(texts), batch_size), desc=f"encode {side}", disable=not show_progress):
+            batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt").to(self.device)
+            kwargs = {f"{side}_{k}": v for k, v in batch.items()}
+            emb = self(**kwargs)[f"{side}_embeddings"]
+            out.append(emb.float().cpu())
+        self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.config.encoder_config.get("hidden_size", 0))
+
+    def encode_queries(self, texts, batch_size=64, max_length=64, tokenizer=None, show_progress=False):
+        return self._encode_texts(texts, "query", batch_size, max_length, tokenizer, show_progress)
+
+    def encode_passages(self, texts, batch_size=64, max_length=256, tokenizer=None, show_progress=False):
+        return self._encode_texts(texts, "passage", batch_size, max_length, tokenizer, show_progress)
+
+
+AutoConfig.register(BiEncoderConfig.model_type, BiEncoderConfig)

@@ -1,0 +1,176 @@
+"""ContAccumTrainer: transformers.Trainer with the ContAccum loss and dual memory bank."""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import Trainer
+
+from .data import ColumnMap, ContrastiveCollator
+from .loss import ContAccumLoss
+from .training_args import ContAccumTrainingArguments
+
+BANK_FILE = "contaccum_bank_rank{rank}.pt"
+MODEL_INPUTS = ("query_input_ids", "query_attention_mask", "query_token_type_ids",
+                "passage_input_ids", "passage_attention_mask", "passage_token_type_ids")
+
+
+class ContAccumTrainer(Trainer):
+    """Trainer for dual encoders with Contrastive Accumulation (Kim et al., NeurIPS 2024).
+
+    compute_loss returns the mean InfoNCE of one micro-batch over current and banked rows;
+    the Trainer divides it by the accumulation steps once (loss_is_scaled_for_ga=False),
+    which is the paper's 1/K of eq. 4. The micro-batch is enqueued after its backward, so
+    the next micro-batch of the same accumulation window already sees it.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model=None, args: ContAccumTrainingArguments = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, evaluator=None, **kwargs):
+        if args is None:
+            args = ContAccumTrainingArguments(output_dir="contaccum_output")
+        if not isinstance(args, ContAccumTrainingArguments):
+            raise TypeError("ContAccumTrainer needs ContAccumTrainingArguments (a TrainingArguments subclass)")
+        for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if ds is not None and getattr(ds, "column_names", None) is not None and not isinstance(ds, dict):
+                try:
+                    ColumnMap.from_columns(ds.column_names)
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}") from None
+        if data_collator is None:
+            tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
+            if tokenizer is None:
+                raise ValueError("pass processing_class=<tokenizer> (or a data_collator) to ContAccumTrainer")
+            data_collator = ContrastiveCollator(tokenizer, args.query_max_length, args.passage_max_length,
+                                                args.max_hard_negatives)
+            processing_class = tokenizer
+        # Trainer refuses eval_strategy without an eval_dataset; a retrieval evaluator is enough for us.
+        eval_strategy = args.eval_strategy
+        if evaluator is not None and eval_dataset is None:
+            args.eval_strategy = "no"
+        try:
+            super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        finally:
+            args.eval_strategy = eval_strategy
+        self.evaluator = evaluator
+        self.contrastive_loss = ContAccumLoss(
+            args.query_bank_size, args.passage_bank_size, args.temperature, args.similarity,
+            bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives, chunk_size=args.bank_chunk_size)
+        self._pending_enqueue = None
+        self._log_sums = {}
+
+    @property
+    def memory_bank(self):
+        return self.contrastive_loss.bank
+
+    # -- loss ------------------------------------------------------------------------
+    def encode_batch(self, model, inputs):
+        """Run both towers once; split passages into positives (n, d) and hard negatives (n, H, d)."""
+        out = model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
+        q, passages = out.query_embeddings, out.passage_embeddings
+        n, h = q.shape[0], inputs["hard_negative_keys"].shape[1]
+        hard_negatives = passages[n:].view(n, h, -1) if h else None
+        return q, passages[:n], hard_negatives, out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        q, p, hn, out = self.encode_batch(model, inputs)
+        pk, hk = inputs["passage_keys"], inputs["hard_negative_keys"]
+        training = model.training
+        loss, stats = self.contrastive_loss(q, p, pk, hn, hk, use_bank=training)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"contrastive loss is {loss.item()} at step {self.state.global_step}; stopped before applying it, so "
+                "the last checkpoint is intact. Usual fixes: lower learning_rate, use similarity='cos' or a larger "
+                "temperature with dot product, bf16 instead of fp16, and check the data for broken texts.")
+        if training and torch.is_grad_enabled():
+            self._track(q, p, hn, stats)
+            self._pending_enqueue = (q.detach(), p.detach(), pk, None if hn is None else hn.detach(), hk)
+        return (loss, out) if return_outputs else loss
+
+    def _track(self, q, p, hn, stats):
+        """Sum loss-side statistics and, through gradient hooks, the GradNormRatio (paper §5.5)."""
+        sums = self._log_sums
+        sums["micro_batches"] = sums.get("micro_batches", 0) + 1
+        sums["negatives_per_query"] = sums.get("negatives_per_query", 0) + stats.num_columns - 1
+        sums["bank_fill"] = stats.bank_fill
+        side = {}
+
+        def hook(name):
+            def record(grad):
+                side[name] = side.get(name, 0.0) + float(grad.float().pow(2).sum())
+                if len(side) == (3 if hn is not None else 2):
+                    passage = (side["p"] + side.get("hn", 0.0)) ** 0.5
+                    query = side["q"] ** 0.5
+                    if query > 0:
+                        sums["grad_norm_ratio"] = sums.get("grad_norm_ratio", 0.0) + passage / query
+                        sums["ratio_count"] = sums.get("ratio_count", 0) + 1
+            return record
+
+        if q.requires_grad:
+            q.register_hook(hook("q"))
+            p.register_hook(hook("p"))
+            if hn is not None:
+                hn.register_hook(hook("hn"))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Enqueue only now: the backward above still needed the bank as it was.
+        if self._pending_enqueue is not None:
+            self.contrastive_loss.enqueue(*self._pending_enqueue)
+            self._pending_enqueue = None
+        if self.args.reset_bank_each_step and self.accelerator.sync_gradients:
+            self.contrastive_loss.reset()
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Eval loss is plain in-batch InfoNCE: evaluation never reads or writes the bank."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Eval loss (if there is an eval dataset) plus the retrieval evaluator's metrics."""
+        metrics = {}
+        if eval_dataset is not None or self.eval_dataset is not None:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.evaluator is not None:
+            model = self.accelerator.unwrap_model(self.model)
+            retrieval = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluator(model, self.processing_class).items()}
+            self.log(retrieval)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, retrieval)
+            metrics.update(retrieval)
+        return metrics
+
+    def log(self, logs, start_time=None):
+        sums = self._log_sums
+        if "loss" in logs and sums.get("micro_batches"):
+            logs["bank_fill"] = sums["bank_fill"]
+            logs["negatives_per_query"] = sums["negatives_per_query"] / sums["micro_batches"]
+            if sums.get("ratio_count"):
+                logs["grad_norm_ratio"] = sums["grad_norm_ratio"] / sums["ratio_count"]
+            self._log_sums = {}
+        super().log(logs, start_time)
+
+    # -- checkpoints: the bank travels with the optimizer state -------------------------
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if output_dir is not None:
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self.contrastive_loss.state_dict(),
+                       os.path.join(output_dir, BANK_FILE.format(rank=self.args.process_index)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, BANK_FILE.format(rank=self.args.process_index))
+        if not os.path.exists(path):
+            if self.contrastive_loss.bank.capacity:
+                raise FileNotFoundError(f"{path} is missing: this checkpoint has no memory bank state, so the run "
+                                        "cannot continue exactly; resume from a checkpoint written by ContAccumTrainer")
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.contrastive_loss.load_state_dict(state, device=self.args.device)

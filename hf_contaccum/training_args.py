@@ -1,0 +1,70 @@
+"""ContAccumTrainingArguments: TrainingArguments plus the memory bank and loss settings."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class ContAccumTrainingArguments(TrainingArguments):
+    memory_bank_size: int = field(default=0, metadata={"help": (
+        "Size in SAMPLES of both memory banks (past query vectors and their aligned positive passages). "
+        "0 = plain gradient accumulation. Paper: 128 (small sets) to 2048 (NQ); MS MARCO 1024.")})
+    query_memory_bank_size: int | None = field(default=None, metadata={"help": (
+        "Ablation override of the query bank size (default: memory_bank_size). 0 = pre-batch negatives "
+        "(passage bank only), which unbalances the towers' gradient norms (paper §3.3). Must be <= the passage bank.")})
+    passage_memory_bank_size: int | None = field(default=None, metadata={"help": (
+        "Ablation override of the passage bank size (default: memory_bank_size).")})
+    temperature: float = field(default=1.0, metadata={"help": (
+        "Softmax temperature tau: logits are similarity / tau. Paper: 1.0 with dot product; use ~0.05 with cos.")})
+    similarity: str = field(default="dot", metadata={"help": "Similarity: 'dot' (dot product) or 'cos' (cosine)."})
+    bank_hard_negatives: bool = field(default=False, metadata={"help": (
+        "Also bank each query's hard negatives (H per entry) as extra columns for later micro-batches.")})
+    reset_bank_each_step: bool = field(default=False, metadata={"help": (
+        "Empty the bank after every optimizer step. Default False: the paper keeps entries from past encoders, "
+        "and dropping them costs 2.3 Top@20 in its ablation.")})
+    mask_false_negatives: bool = field(default=True, metadata={"help": (
+        "Never use a passage as a negative of a query it is relevant to: columns with the same passage id "
+        "(column positive_id) or, without ids, the same text as the row's positive are masked.")})
+    query_max_length: int = field(default=64, metadata={"help": "Max tokens of a query (longer is truncated)."})
+    passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
+    max_hard_negatives: int | None = field(default=None, metadata={"help": (
+        "Use at most this many hard negatives per query from the data (default: all).")})
+    bank_chunk_size: int = field(default=64, metadata={"help": (
+        "Bank slots per cached log-sum-exp block. Trades cache memory (N_mem^2/chunk floats) against the work "
+        "to refresh a block after an enqueue (N_mem*chunk*d). Rarely worth changing.")})
+    remove_unused_columns: bool = field(default=False, metadata={"help": (
+        "Kept False: the collator needs the raw text columns.")})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("memory_bank_size", "query_memory_bank_size", "passage_memory_bank_size"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} is a number of samples and must be >= 0 (0 disables the bank), got {value}")
+        if self.similarity not in ("dot", "cos"):
+            raise ValueError(f"similarity must be 'dot' or 'cos', got {self.similarity!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.bank_chunk_size < 1:
+            raise ValueError(f"bank_chunk_size must be >= 1, got {self.bank_chunk_size}")
+        if self.query_bank_size > self.passage_bank_size:
+            raise ValueError(
+                f"query bank ({self.query_bank_size}) larger than passage bank ({self.passage_bank_size}): a banked "
+                "query needs its banked positive as a column; raise passage_memory_bank_size")
+        if self.query_bank_size != self.passage_bank_size:
+            warnings.warn(
+                f"query bank {self.query_bank_size} != passage bank {self.passage_bank_size}: the towers get gradients "
+                "from different numbers of rows and columns, and the passage tower's gradient norm outgrows the "
+                "query tower's (ContAccum paper §3.3, fig. 5). Use equal sizes unless this is an ablation.",
+                stacklevel=2)
+
+    @property
+    def query_bank_size(self) -> int:
+        return self.memory_bank_size if self.query_memory_bank_size is None else self.query_memory_bank_size
+
+    @property
+    def passage_bank_size(self) -> int:
+        return self.memory_bank_size if self.passage_memory_bank_size is None else self.passage_memory_bank_size

@@ -1,0 +1,83 @@
+import os
+import string
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_tokenizer(tmp_path):
+    """A tiny character-level WordPiece tokenizer: any lowercase text tokenises, no download."""
+    from transformers import BertTokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + list(".,()'-")
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(vocab))
+    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+
+
+def tiny_bert_config(vocab_size=100, dropout=0.0):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                      attention_probs_dropout_prob=dropout)
+
+
+def tiny_model(shared=True, pooling="mean", normalize=False, seed=0, dropout=0.0):
+    from hf_contaccum import BiEncoder
+
+    torch.manual_seed(seed)
+    return BiEncoder.from_encoder_config(tiny_bert_config(dropout=dropout), shared=shared, pooling=pooling,
+                                         normalize=normalize)
+
+
+WORDS = ("apple banana cherry delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+
+
+def toy_rows(n, num_negatives=0, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.sample(WORDS, 4)
+        row = {"query": f"{words[0]} {words[1]} {i}", "positive": f"{words[1]} {words[2]} {words[3]} {i}"}
+        for h in range(num_negatives):
+            row["negative" if h == 0 else f"negative_{h}"] = f"{rng.choice(WORDS)} {rng.choice(WORDS)} n{i}{h}"
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    return make_tokenizer(tmp_path)
+
+
+@pytest.fixture
+def toy_dataset():
+    from datasets import Dataset
+
+    def build(n=32, num_negatives=0, seed=0):
+        rows = toy_rows(n, num_negatives, seed)
+        return Dataset.from_list(rows)
+
+    return build
+
+
+def trainer_args(tmp_path, **overrides):
+    from hf_contaccum import ContAccumTrainingArguments
+
+    defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                    max_steps=3, learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                    train_sampling_strategy="sequential", optim="adamw_torch", report_to="none", save_strategy="no",
+                    logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True, query_max_length=16,
+                    passage_max_length=24)
+    defaults.update(overrides)
+    return ContAccumTrainingArguments(**defaults)

@@ -1,0 +1,35 @@
+"""Independent, literal implementations used as references by the tests."""
+import torch
+import torch.nn.functional as F
+
+
+def naive_contaccum_loss(q, p, hn, bq, bp, bhn, temperature=1.0, keys=None, cos=False):
+    """Paper eq. 5-7 written out: one (n+m) x (cols) score matrix, bank entries detached.
+
+    q, p: (n, d) current; hn: (n, H, d) or None; bq, bp: (m, d) bank; bhn: (m, Hb, d) or None.
+    keys (optional): dict with 'p' (n,), 'hn' (n,H), 'bp' (m,), 'bhn' (m,Hb) for false-negative masks.
+    """
+    norm = (lambda x: F.normalize(x, dim=-1)) if cos else (lambda x: x)
+    q, p, bq, bp = norm(q), norm(p), norm(bq).detach(), norm(bp).detach()
+    rows = torch.cat([q, bq])
+    cols = [p]
+    kcols = [keys["p"]] if keys else []
+    if hn is not None:
+        cols.append(norm(hn).reshape(-1, q.shape[1]))
+        kcols += [keys["hn"].reshape(-1)] if keys else []
+    cols.append(bp)
+    kcols += [keys["bp"]] if keys else []
+    if bhn is not None:
+        cols.append(norm(bhn).detach().reshape(-1, q.shape[1]))
+        kcols += [keys["bhn"].reshape(-1)] if keys else []
+    cols = torch.cat(cols)
+    n, m = q.shape[0], bq.shape[0]
+    n_cur_cols = n * (1 + (hn.shape[1] if hn is not None else 0))
+    targets = torch.cat([torch.arange(n), n_cur_cols + torch.arange(m)])
+    S = rows @ cols.T / temperature
+    if keys:
+        kc = torch.cat(kcols)
+        same = kc[None] == kc[targets][:, None]
+        same[torch.arange(n + m), targets] = False
+        S = S.masked_fill(same, float("-inf"))
+    return F.cross_entropy(S, targets)

@@ -1,0 +1,168 @@
+"""ContAccumTrainer against independent hand-written training loops, logging, evaluation."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model, trainer_args, toy_rows
+from hf_contaccum import ContAccumTrainer, ContrastiveCollator
+
+
+def _manual_gradient_accumulation(model, tokenizer, rows, n_local, k, steps, lr):
+    """Plain gradient accumulation with in-batch negatives, written without the library's loss."""
+    collate = ContrastiveCollator(tokenizer, 16, 24)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    batches = [rows[i:i + n_local] for i in range(0, len(rows), n_local)]
+    for step in range(steps):
+        for micro in batches[step * k:(step + 1) * k]:
+            b = collate(micro)
+            out = model(query_input_ids=b["query_input_ids"], query_attention_mask=b["query_attention_mask"],
+                        query_token_type_ids=b["query_token_type_ids"], passage_input_ids=b["passage_input_ids"],
+                        passage_attention_mask=b["passage_attention_mask"],
+                        passage_token_type_ids=b["passage_token_type_ids"])
+            scores = out.query_embeddings @ out.passage_embeddings.T
+            loss = F.cross_entropy(scores, torch.arange(len(micro))) / k
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_no_bank_equals_plain_gradient_accumulation(tmp_path, tokenizer, toy_dataset, k):
+    """memory_bank_size=0: same parameters after 3 optimizer steps as GradAccum (K=1: in-batch InfoNCE)."""
+    ds = toy_dataset(n=4 * k * 3)
+    model = tiny_model()
+    reference = _manual_gradient_accumulation(copy.deepcopy(model), tokenizer, list(ds), 4, k, 3, 1e-3)
+    args = trainer_args(tmp_path, gradient_accumulation_steps=k, memory_bank_size=0, mask_false_negatives=False)
+    trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def _manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, num_negatives):
+    """ContAccum written literally: full score matrix over [current; bank] rows and columns each micro-batch."""
+    collate = ContrastiveCollator(tokenizer, 16, 24)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    bank_q, bank_p = [], []  # python lists of detached vectors, oldest first
+    batches = [rows[i:i + n_local] for i in range(0, len(rows), n_local)]
+    losses = []
+    for step in range(steps):
+        for micro in batches[step * k:(step + 1) * k]:
+            b = collate(micro)
+            out = model(**{key: b[key] for key in b if key.startswith(("query_", "passage_"))})
+            n = len(micro)
+            q, passages = out.query_embeddings, out.passage_embeddings
+            p, hn = passages[:n], passages[n:]
+            mq = torch.stack(bank_q) if bank_q else q.new_zeros(0, q.shape[1])
+            mp = torch.stack(bank_p) if bank_p else q.new_zeros(0, q.shape[1])
+            rows_ = torch.cat([q, mq])
+            cols = torch.cat([p, hn, mp])
+            targets = torch.cat([torch.arange(n), len(p) + len(hn) + torch.arange(len(mq))])
+            loss = F.cross_entropy(rows_ @ cols.T, targets)
+            losses.append(loss.item())
+            (loss / k).backward()
+            for i in range(n):
+                bank_q.append(q[i].detach())
+                bank_p.append(p[i].detach())
+            del bank_q[:-bank_size], bank_p[:-bank_size]
+        opt.step()
+        opt.zero_grad()
+    return model, losses
+
+
+def test_trainer_with_bank_equals_literal_contaccum(tmp_path, tokenizer, toy_dataset):
+    ds = toy_dataset(n=4 * 2 * 4, num_negatives=1)
+    model = tiny_model()
+    reference, ref_losses = _manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 4, 1e-3, 10, 1)
+    args = trainer_args(tmp_path, gradient_accumulation_steps=2, max_steps=4, memory_bank_size=10,
+                        mask_false_negatives=False, bank_chunk_size=3)
+    trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    expected = [sum(ref_losses[i:i + 2]) / 2 for i in range(0, 8, 2)]
+    assert logged == pytest.approx(expected, rel=1e-4)  # the Trainer divided by K exactly once
+
+
+def test_logs_bank_statistics(tmp_path, tokenizer, toy_dataset):
+    args = trainer_args(tmp_path, memory_bank_size=6, gradient_accumulation_steps=2, max_steps=3)
+    trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(24), processing_class=tokenizer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["bank_fill"] for h in logs] == [6, 6, 6]
+    # step 1: micro-batches see 0 then 4 banked columns -> (3 + 7) / 2 negatives
+    assert logs[0]["negatives_per_query"] == pytest.approx(5.0)
+    assert logs[-1]["negatives_per_query"] == pytest.approx(9.0)
+    assert all(h["grad_norm_ratio"] > 0 for h in logs)
+
+
+def test_evaluate_leaves_bank_bit_identical(tmp_path, tokenizer, toy_dataset):
+    from hf_contaccum.evaluation import RetrievalEvaluator
+
+    ds = toy_dataset(24)
+    rows = list(ds)
+    corpus = {f"d{i}": r["positive"] for i, r in enumerate(rows)}
+    evaluator = RetrievalEvaluator({f"q{i}": r["query"] for i, r in enumerate(rows)}, corpus,
+                                   {f"q{i}": {f"d{i}": 1} for i in range(len(rows))}, k_values=(1, 5),
+                                   show_progress=False)
+    args = trainer_args(tmp_path, memory_bank_size=8, max_steps=2, eval_strategy="steps", eval_steps=1)
+    trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=ds, eval_dataset=toy_dataset(8, seed=3),
+                               processing_class=tokenizer, evaluator=evaluator)
+    trainer.train()
+    before = trainer.memory_bank.state_dict()
+    metrics = trainer.evaluate()
+    after = trainer.memory_bank.state_dict()
+    assert "eval_loss" in metrics and "eval_ndcg@5" in metrics
+    assert any("eval_ndcg@5" in h for h in trainer.state.log_history)  # eval_steps ran the evaluator in training
+    for key in before:
+        if isinstance(before[key], torch.Tensor):
+            assert torch.equal(before[key], after[key]), key
+        else:
+            assert before[key] == after[key], key
+
+
+def test_missing_and_misnamed_columns(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"question_text": "a", "answer": "b"}])
+    with pytest.raises(ValueError, match="no query and no positive column.*rename_column"):
+        ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path), train_dataset=ds, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("bad, match", [("", "is empty"), (None, "expected a string"), (3, "expected a string")])
+def test_bad_texts(tmp_path, tokenizer, bad, match):
+    from datasets import Dataset
+
+    rows = toy_rows(8)
+    rows[5]["positive"] = bad
+    ds = Dataset.from_list(rows) if not isinstance(bad, int) else rows  # arrow cannot mix int and str
+    trainer = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path, max_steps=1), train_dataset=ds,
+                               processing_class=tokenizer)
+    with pytest.raises(ValueError, match=f"batch row 1: column 'positive'.*{match}"):
+        trainer.train()
+
+
+def test_negative_bank_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="memory_bank_size is a number of samples"):
+        trainer_args(tmp_path, memory_bank_size=-1)
+    with pytest.raises(ValueError, match="raise passage_memory_bank_size"):
+        trainer_args(tmp_path, memory_bank_size=4, query_memory_bank_size=8)
+    with pytest.warns(UserWarning, match="gradient norm"):
+        trainer_args(tmp_path, memory_bank_size=8, query_memory_bank_size=0)
+
+
+def test_nan_loss_stops_with_message(tmp_path, tokenizer, toy_dataset):
+    model = tiny_model()
+    with torch.no_grad():
+        model.query_encoder.embeddings.word_embeddings.weight.fill_(float("nan"))
+    trainer = ContAccumTrainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=toy_dataset(8),
+                               processing_class=tokenizer)
+    with pytest.raises(FloatingPointError, match="lower learning_rate"):
+        trainer.train()
