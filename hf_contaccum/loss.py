@@ -37,59 +37,77 @@ def bank_columns(bank: MemoryBank, count: int | None = None):
 
 
 class BankLogsumexp:
-    """For every banked row, the log-sum-exp of its logits over all banked columns."""
+    """For every banked row, the log-sum-exp of its logits over all banked columns.
+
+    Kept as a two-level tree so that one enqueue touches little: per row, one value per
+    chunk of `chunk_size` slots, and one per group of ~sqrt(#chunks) chunks. An enqueue
+    recomputes the written rows against every slot, and every valid row against the
+    touched chunks; a row's total is a log-sum-exp over its groups.
+    """
 
     ROW_BLOCK = 512  # rows per matmul when rebuilding, to bound temporary memory
 
-    def __init__(self, chunk_size: int = 64):
+    def __init__(self, chunk_size: int = 16):
         self.chunk_size = chunk_size
         self.chunk_lse: torch.Tensor | None = None  # (capacity, num_chunks), fp32
+        self.group_lse: torch.Tensor | None = None  # (capacity, num_groups), fp32
         self.stale = True
 
-    def _block_lse(self, bank, rows, slots, temperature, mask_false_negatives):
-        """(len(rows), len(slots)): log-sum-exp over the 1+H columns of each slot."""
+    def _slot_lse(self, bank, rows, first, last, temperature, mask_false_negatives):
+        """(R, last-first): per row, log-sum-exp over the 1+H columns of each slot in [first, last)."""
         vecs, keys = bank_columns(bank, bank.capacity)
-        vecs, keys = vecs[slots].float(), keys[slots]
-        logits = torch.einsum("rd,shd->rsh", bank.queries[rows].float(), vecs) / temperature
-        drop = (slots >= bank.fill)[None, :, None].expand_as(logits)
+        vecs, keys = vecs[first:last], keys[first:last]
+        num_slots, width = keys.shape
+        queries = bank.queries[rows]
+        logits = (queries @ vecs.flatten(0, 1).T).view(-1, num_slots, width) / temperature
+        slots = torch.arange(first, last, device=keys.device)
+        drop = (slots >= bank.fill)[None, :, None]
         if mask_false_negatives:  # a column with the row's positive key, other than that positive itself
-            is_positive = torch.zeros_like(keys, dtype=torch.bool)
-            is_positive[:, 0] = True
-            own = (rows[:, None] == slots[None, :])[..., None] & is_positive[None]
+            row_slots = torch.arange(rows.start, rows.stop, device=keys.device) if isinstance(rows, slice) else rows
+            own = (row_slots[:, None] == slots[None])[..., None] & (torch.arange(width, device=keys.device) == 0)
             drop = drop | ((keys[None] == bank.passage_keys[rows][:, None, None]) & ~own)
         return logits.masked_fill(drop, NEG_INF).logsumexp(-1)
 
-    def _rows_all_chunks(self, bank, rows, temperature, mask):
-        c, cap = self.chunk_size, bank.capacity
-        num_chunks = self.chunk_lse.shape[1]
-        slots = torch.arange(num_chunks * c, device=rows.device)
-        lse = self._block_lse(bank, rows, slots.clamp(max=cap - 1), temperature, mask)
-        lse = lse.masked_fill((slots >= cap)[None], NEG_INF)  # padding slots of the last chunk
-        self.chunk_lse[rows] = lse.view(len(rows), num_chunks, c).logsumexp(-1)
+    @staticmethod
+    def _grouped_lse(values, group):
+        """Log-sum-exp over consecutive groups of `group` columns (last group padded)."""
+        rows, cols = values.shape
+        pad = -cols % group
+        if pad:
+            values = torch.cat([values, values.new_full((rows, pad), NEG_INF)], 1)
+        return values.view(rows, -1, group).logsumexp(-1)
+
+    def _refresh_rows(self, bank, rows, temperature, mask):
+        self.chunk_lse[rows] = self._grouped_lse(self._slot_lse(bank, rows, 0, bank.capacity, temperature, mask),
+                                                 self.chunk_size)
+        self.group_lse[rows] = self._grouped_lse(self.chunk_lse[rows], self.group_size)
 
     @torch.no_grad()
     def update(self, bank: MemoryBank, written: torch.Tensor, temperature: float, mask: bool) -> None:
         device = bank.queries.device
         if self.stale:  # first use, reset or resume: rebuild from the bank itself
             num_chunks = -(-bank.capacity // self.chunk_size)
+            self.group_size = max(1, int(num_chunks ** 0.5))
             self.chunk_lse = torch.full((bank.capacity, num_chunks), NEG_INF, device=device)
+            self.group_lse = torch.full((bank.capacity, -(-num_chunks // self.group_size)), NEG_INF, device=device)
             for start in range(0, bank.fill, self.ROW_BLOCK):
-                rows = torch.arange(start, min(start + self.ROW_BLOCK, bank.fill), device=device)
-                self._rows_all_chunks(bank, rows, temperature, mask)
+                self._refresh_rows(bank, slice(start, min(start + self.ROW_BLOCK, bank.fill)), temperature, mask)
             self.stale = False
             return
         if len(written) == 0:
             return
         written = written.to(device)
-        self._rows_all_chunks(bank, written, temperature, mask)
-        valid_rows = torch.arange(bank.fill, device=device)
-        for chunk in torch.unique(written // self.chunk_size).tolist():
-            start = chunk * self.chunk_size
-            slots = torch.arange(start, min(start + self.chunk_size, bank.capacity), device=device)
-            self.chunk_lse[valid_rows, chunk] = self._block_lse(bank, valid_rows, slots, temperature, mask).logsumexp(-1)
+        self._refresh_rows(bank, written, temperature, mask)
+        valid = slice(0, bank.fill)
+        c, g = self.chunk_size, self.group_size
+        for chunk in torch.unique(written // c).tolist():
+            first, last = chunk * c, min(chunk * c + c, bank.capacity)
+            self.chunk_lse[valid, chunk] = self._slot_lse(bank, valid, first, last, temperature, mask).logsumexp(-1)
+        for group in torch.unique(written // (c * g)).tolist():
+            self.group_lse[valid, group] = self.chunk_lse[valid, group * g:(group + 1) * g].logsumexp(-1)
 
-    def row_lse(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.chunk_lse[rows].logsumexp(-1)
+    def row_lse(self, rows) -> torch.Tensor:
+        return self.group_lse[rows].logsumexp(-1)
 
 
 @dataclass
@@ -108,7 +126,7 @@ class ContAccumLoss:
     """
 
     def __init__(self, query_bank_size=0, passage_bank_size=0, temperature=1.0, similarity="dot",
-                 bank_hard_negatives=False, mask_false_negatives=True, chunk_size=64):
+                 bank_hard_negatives=False, mask_false_negatives=True, chunk_size=16):
         if query_bank_size < 0 or passage_bank_size < 0:
             raise ValueError("memory bank sizes are numbers of samples and must be >= 0 (0 disables the bank)")
         if query_bank_size > passage_bank_size:
@@ -149,15 +167,13 @@ class ContAccumLoss:
         cur_cols, cur_keys = torch.cat(cols), torch.cat(keys)
         bank = self.bank
         banked = use_bank and bank.fill > 0
-        if banked:
-            bvecs, bkeys = bank_columns(bank)
-            all_cols = torch.cat([cur_cols, bvecs.flatten(0, 1).float()])
-            all_keys = torch.cat([cur_keys, bkeys.flatten()])
-        else:
-            all_cols, all_keys = cur_cols, cur_keys
         targets = torch.arange(n, device=q.device) + target_offset
-
-        logits = q @ all_cols.T / self.temperature
+        logits, all_keys = q @ cur_cols.T, cur_keys
+        if banked:  # banked columns: separate matmul, so the bank is read in place, never copied
+            bvecs, bkeys = bank_columns(bank)
+            logits = torch.cat([logits, q @ bvecs.flatten(0, 1).T], 1)
+            all_keys = torch.cat([cur_keys, bkeys.flatten()])
+        logits = logits / self.temperature
         if self.mask_false_negatives:
             same = all_keys[None] == passage_keys[targets][:, None]
             same[torch.arange(n), targets] = False
@@ -166,19 +182,26 @@ class ContAccumLoss:
         num_rows = n
 
         if banked and self.query_bank_size > 0:
-            rows = bank.newest(self.query_bank_size) if bank_rows is None else bank_rows
-            if len(rows):
+            if bank_rows is not None:
+                rows = bank_rows
+            elif self.query_bank_size >= bank.fill:
+                rows = slice(0, bank.fill)  # every valid entry; a slice reads the bank without a copy
+            else:
+                rows = bank.newest(self.query_bank_size)
+            num_bank_rows = bank.fill if isinstance(rows, slice) else len(rows)
+            if num_bank_rows:
                 if self.bank_lse.stale:
-                    self.bank_lse.update(bank, rows[:0], self.temperature, self.mask_false_negatives)
-                bq = bank.queries[rows].float()
+                    self.bank_lse.update(bank, torch.empty(0, dtype=torch.long), self.temperature,
+                                         self.mask_false_negatives)
+                bq = bank.queries[rows]
                 cur_logits = bq @ cur_cols.T / self.temperature
                 if self.mask_false_negatives:
                     cur_logits = cur_logits.masked_fill(cur_keys[None] == bank.passage_keys[rows][:, None], NEG_INF)
                 lse = torch.logaddexp(cur_logits.logsumexp(-1), self.bank_lse.row_lse(rows))
-                target = (bq * bank.passages[rows].float()).sum(-1) / self.temperature
+                target = (bq * bank.passages[rows]).sum(-1) / self.temperature
                 total = total + (lse - target).sum()
-                num_rows += len(rows)
-        stats = LossStats(num_rows, all_cols.shape[0], bank.fill)
+                num_rows += num_bank_rows
+        stats = LossStats(num_rows, logits.shape[1], bank.fill)
         return total / num_rows, stats
 
     @torch.no_grad()

@@ -94,7 +94,6 @@ class ContAccumTrainer(Trainer):
         sums = self._log_sums
         sums["micro_batches"] = sums.get("micro_batches", 0) + 1
         sums["negatives_per_query"] = sums.get("negatives_per_query", 0) + stats.num_columns - 1
-        sums["bank_fill"] = stats.bank_fill
         side = {}
 
         def hook(name):
@@ -120,6 +119,7 @@ class ContAccumTrainer(Trainer):
         if self._pending_enqueue is not None:
             self.contrastive_loss.enqueue(*self._pending_enqueue)
             self._pending_enqueue = None
+            self._log_sums["bank_fill"] = len(self.memory_bank)
         if self.args.reset_bank_each_step and self.accelerator.sync_gradients:
             self.contrastive_loss.reset()
         return loss

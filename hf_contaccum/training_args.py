@@ -32,9 +32,9 @@ class ContAccumTrainingArguments(TrainingArguments):
     passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
     max_hard_negatives: int | None = field(default=None, metadata={"help": (
         "Use at most this many hard negatives per query from the data (default: all).")})
-    bank_chunk_size: int = field(default=64, metadata={"help": (
-        "Bank slots per cached log-sum-exp block. Trades cache memory (N_mem^2/chunk floats) against the work "
-        "to refresh a block after an enqueue (N_mem*chunk*d). Rarely worth changing.")})
+    bank_chunk_size: int = field(default=16, metadata={"help": (
+        "Bank slots per cached log-sum-exp block (advanced). Trades cache memory (N_mem^2/chunk floats) against "
+        "the work to refresh a block after an enqueue (N_mem*chunk*d flops). Rarely worth changing.")})
     remove_unused_columns: bool = field(default=False, metadata={"help": (
         "Kept False: the collator needs the raw text columns.")})
 

@@ -86,7 +86,7 @@ def _rss_mb():
 def test_bounded_memory_over_2000_micro_steps():
     """The failure that sank sentence-transformers PR #3612: a cache that grows every step."""
     torch.manual_seed(0)
-    d, n = 384, 8
+    d, n = 128, 8  # the bank's size in samples is what matters here, not d
     encoder = torch.nn.Linear(d, d)
     loss_fn = ContAccumLoss(4096, 4096, temperature=0.05, similarity="cos")
     rss = []

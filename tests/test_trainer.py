@@ -55,7 +55,7 @@ def _manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, 
     for step in range(steps):
         for micro in batches[step * k:(step + 1) * k]:
             b = collate(micro)
-            out = model(**{key: b[key] for key in b if key.startswith(("query_", "passage_"))})
+            out = model(**{key: b[key] for key in b if key.endswith(("input_ids", "attention_mask", "token_type_ids"))})
             n = len(micro)
             q, passages = out.query_embeddings, out.passage_embeddings
             p, hn = passages[:n], passages[n:]
@@ -166,3 +166,32 @@ def test_nan_loss_stops_with_message(tmp_path, tokenizer, toy_dataset):
                                processing_class=tokenizer)
     with pytest.raises(FloatingPointError, match="lower learning_rate"):
         trainer.train()
+
+
+def test_reset_bank_each_step(tmp_path, tokenizer, toy_dataset):
+    args = trainer_args(tmp_path, memory_bank_size=16, gradient_accumulation_steps=2, max_steps=2,
+                        reset_bank_each_step=True)
+    trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(16), processing_class=tokenizer)
+    trainer.train()
+    assert len(trainer.memory_bank) == 0
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["negatives_per_query"] for h in logs] == [5.0, 5.0]  # (3 + 7) / 2: past steps never seen
+
+
+def test_resume_continues_exactly(tmp_path, tokenizer, toy_dataset):
+    """Stopped at step 2 and resumed == uninterrupted: losses, parameters and bank."""
+    ds = toy_dataset(40, num_negatives=1)
+    common = dict(memory_bank_size=12, bank_hard_negatives=True, gradient_accumulation_steps=2, max_steps=4,
+                  save_strategy="steps", save_steps=2, train_sampling_strategy="random")
+    full = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "a", **common), train_dataset=ds,
+                            processing_class=tokenizer)
+    full.train()
+    resumed = ContAccumTrainer(model=tiny_model(seed=5), args=trainer_args(tmp_path / "b", **common),
+                               train_dataset=ds, processing_class=tokenizer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    loss = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h and h["step"] > 2]
+    assert loss(full) == loss(resumed)
+    sa, sb = full.memory_bank.state_dict(), resumed.memory_bank.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)

@@ -1,0 +1,101 @@
+"""Bank overhead per optimizer step: ContAccum vs plain gradient accumulation, same model.
+
+Both methods run through ContAccumTrainer.training_step (the real code path: encode,
+loss, backward, enqueue) on the same micro-batches, interleaved round by round so that
+drift in machine speed hits both alike. The ContAccum bank is pre-filled to N_mem so
+every timed step pays for a full bank. Reports medians and the ratio; writes JSON.
+
+    python benchmarks/bank_overhead.py --memory_bank_size 4096 --rounds 6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="encoder (default: offline all-MiniLM-L6-v2)")
+    parser.add_argument("--n_local", type=int, default=8)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--memory_bank_size", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=6, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--query_max_length", type=int, default=64)
+    parser.add_argument("--passage_max_length", type=int, default=32)
+    parser.add_argument("--output", default="benchmarks/results/bank_overhead.json")
+    args = parser.parse_args()
+
+    from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments
+    from hf_contaccum.quickstart import default_encoder_path
+    from hf_contaccum.sample_data import load_wordnet_sample
+
+    torch.manual_seed(0)
+    model = BiEncoder.from_encoder(args.model or default_encoder_path(), normalize=True)
+    model.train()
+    train, *_ = load_wordnet_sample()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+
+    def make_trainer(bank):
+        targs = ContAccumTrainingArguments(
+            output_dir="/tmp/bank_overhead", per_device_train_batch_size=args.n_local,
+            gradient_accumulation_steps=args.k, memory_bank_size=bank, temperature=0.05, report_to="none",
+            query_max_length=args.query_max_length, passage_max_length=args.passage_max_length,
+            use_cpu=device == "cpu", disable_tqdm=True)
+        return ContAccumTrainer(model=model, args=targs, train_dataset=train, processing_class=model.tokenizer)
+
+    trainers = {"gradaccum": make_trainer(0), "contaccum": make_trainer(args.memory_bank_size)}
+    if args.memory_bank_size:  # fill the bank: cost does not depend on the vectors' values
+        d = model.config.encoder_config["hidden_size"]
+        fill = F.normalize(torch.randn(args.memory_bank_size, d, device=device), dim=-1)
+        trainers["contaccum"].contrastive_loss.enqueue(fill, fill, torch.arange(args.memory_bank_size, device=device) - 10**9)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    collate = trainers["gradaccum"].data_collator
+    per_step = args.n_local * args.k
+    times = {name: [] for name in trainers}
+
+    def one_step(trainer, rows):
+        trainer.current_gradient_accumulation_steps = args.k
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(args.k):
+            batch = collate(rows[i * args.n_local:(i + 1) * args.n_local])
+            trainer.training_step(model, {k: v.to(device) for k, v in batch.items()})
+        opt.step()
+        opt.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for r in range(args.rounds + 1):
+        rows = [train[j] for j in range((r * per_step) % (len(train) - per_step), (r * per_step) % (len(train) - per_step) + per_step)]
+        order = list(trainers) if r % 2 == 0 else list(reversed(trainers))  # alternate who goes first
+        for name in order:
+            t = one_step(trainers[name], rows)
+            if r > 0:
+                times[name].append(t)
+        print(f"round {r}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in trainers if r > 0 and times[n]))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    result = {
+        "n_local": args.n_local, "k": args.k, "memory_bank_size": args.memory_bank_size, "device": device,
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "query_max_length": args.query_max_length, "passage_max_length": args.passage_max_length,
+        "seconds_per_step": times, "median_seconds_per_step": med,
+        "ratio_contaccum_over_gradaccum": med["contaccum"] / med["gradaccum"],
+    }
+    print(json.dumps({k: result[k] for k in ("median_seconds_per_step", "ratio_contaccum_over_gradaccum")}, indent=1))
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
