@@ -150,13 +150,15 @@ class ContAccumLoss:
         return F.normalize(x, dim=-1) if self.similarity == "cos" else x
 
     def __call__(self, queries, passages, passage_keys, hard_negatives=None, hard_negative_keys=None,
-                 use_bank=True, target_offset=0, bank_rows=None):
+                 use_bank=True, rank=0, world_size=1):
         """Mean InfoNCE over all rows; differentiable in the current vectors.
 
-        queries (n, d); passages (N, d) with N >= n (N > n when positives were gathered from
-        other processes; query i's positive is passages[target_offset + i]); hard_negatives
-        (N, H, d) or None. `bank_rows` restricts the banked query rows this call counts
-        (distributed: each process takes a share), default all.
+        Single process: queries (n, d), passages (n, d), hard_negatives (n, H, d) or None.
+        Distributed (world_size R): queries are this rank's n; passages, hard negatives and
+        keys are gathered from all ranks in rank order (R*n rows), so query i's positive is
+        passages[rank*n + i]. Each rank counts its own query rows and every R-th banked row;
+        the result is scaled by R so that DDP's gradient average gives the gradient of the
+        one global mean over R*n + N_mem rows.
         """
         q, p = self._prepare(queries), self._prepare(passages)
         n, num_cur = q.shape[0], p.shape[0]
@@ -167,7 +169,7 @@ class ContAccumLoss:
         cur_cols, cur_keys = torch.cat(cols), torch.cat(keys)
         bank = self.bank
         banked = use_bank and bank.fill > 0
-        targets = torch.arange(n, device=q.device) + target_offset
+        targets = torch.arange(n, device=q.device) + rank * n
         logits, all_keys = q @ cur_cols.T, cur_keys
         if banked:  # banked columns: separate matmul, so the bank is read in place, never copied
             bvecs, bkeys = bank_columns(bank)
@@ -179,16 +181,17 @@ class ContAccumLoss:
             same[torch.arange(n), targets] = False
             logits = logits.masked_fill(same, NEG_INF)
         total = F.cross_entropy(logits, targets, reduction="sum")
-        num_rows = n
+        num_rows = n * world_size  # every rank's current rows count in the global mean
 
         if banked and self.query_bank_size > 0:
-            if bank_rows is not None:
-                rows = bank_rows
-            elif self.query_bank_size >= bank.fill:
-                rows = slice(0, bank.fill)  # every valid entry; a slice reads the bank without a copy
+            if self.query_bank_size >= bank.fill:
+                rows = slice(rank, bank.fill, world_size)  # a slice reads the bank without a copy
+                total_bank_rows = bank.fill
             else:
-                rows = bank.newest(self.query_bank_size)
-            num_bank_rows = bank.fill if isinstance(rows, slice) else len(rows)
+                newest = bank.newest(self.query_bank_size)
+                rows, total_bank_rows = newest[rank::world_size], len(newest)
+            num_bank_rows = len(range(*rows.indices(bank.capacity))) if isinstance(rows, slice) else len(rows)
+            num_rows += total_bank_rows - num_bank_rows  # other ranks' share of the banked rows
             if num_bank_rows:
                 if self.bank_lse.stale:
                     self.bank_lse.update(bank, torch.empty(0, dtype=torch.long), self.temperature,
@@ -202,7 +205,7 @@ class ContAccumLoss:
                 total = total + (lse - target).sum()
                 num_rows += num_bank_rows
         stats = LossStats(num_rows, logits.shape[1], bank.fill)
-        return total / num_rows, stats
+        return total * world_size / num_rows, stats
 
     @torch.no_grad()
     def enqueue(self, queries, passages, passage_keys, hard_negatives=None, hard_negative_keys=None):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed.nn.functional  # noqa: F401  (all_gather with autograd)
+from accelerate.utils import gather as gather_without_grad
 from transformers import Trainer
 
 from .data import ColumnMap, ContrastiveCollator
@@ -74,11 +76,33 @@ class ContAccumTrainer(Trainer):
         hard_negatives = passages[n:].view(n, h, -1) if h else None
         return q, passages[:n], hard_negatives, out
 
+    def _gather(self, q, p, pk, hn, hk):
+        """Share the micro-batch across processes: passages WITH gradient (all_gather's backward
+        sums every rank's gradient back to the owner), queries and keys without (for the bank)."""
+        sizes = gather_without_grad(torch.tensor([[q.shape[0], hk.shape[1]]], device=q.device)).tolist()
+        if any(s != sizes[0] for s in sizes):
+            raise ValueError(
+                f"micro-batches differ across processes (per rank [batch size, hard negatives]: {sizes}); the "
+                "gathered similarity matrix needs equal shapes. Keep accelerate's even_batches (default) or set "
+                "dataloader_drop_last=True, and give every row the same number of hard negatives")
+        with_grad = lambda t: torch.cat(torch.distributed.nn.functional.all_gather(t))
+        p_all = with_grad(p)
+        hn_all = with_grad(hn) if hn is not None else None
+        return gather_without_grad(q.detach()), p_all, gather_without_grad(pk), hn_all, gather_without_grad(hk)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         q, p, hn, out = self.encode_batch(model, inputs)
         pk, hk = inputs["passage_keys"], inputs["hard_negative_keys"]
         training = model.training
-        loss, stats = self.contrastive_loss(q, p, pk, hn, hk, use_bank=training)
+        world = self.accelerator.num_processes if self.args.gather_across_devices else 1
+        q_bank, p_all, pk_all, hn_all, hk_all = q.detach(), p, pk, hn, hk
+        if training and world > 1:
+            q_bank, p_all, pk_all, hn_all, hk_all = self._gather(q, p, pk, hn, hk)
+        else:
+            world = 1  # evaluation: plain local in-batch loss
+        rank = self.accelerator.process_index if world > 1 else 0
+        loss, stats = self.contrastive_loss(q, p_all, pk_all, hn_all, hk_all, use_bank=training, rank=rank,
+                                            world_size=world)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"contrastive loss is {loss.item()} at step {self.state.global_step}; stopped before applying it, so "
@@ -86,7 +110,9 @@ class ContAccumTrainer(Trainer):
                 "temperature with dot product, bf16 instead of fp16, and check the data for broken texts.")
         if training and torch.is_grad_enabled():
             self._track(q, p, hn, stats)
-            self._pending_enqueue = (q.detach(), p.detach(), pk, None if hn is None else hn.detach(), hk)
+            # every rank enqueues the same gathered micro-batch in rank order: one identical global bank
+            self._pending_enqueue = (q_bank, p_all.detach(), pk_all, None if hn_all is None else hn_all.detach(),
+                                     hk_all)
         return (loss, out) if return_outputs else loss
 
     def _track(self, q, p, hn, stats):

@@ -28,6 +28,10 @@ class ContAccumTrainingArguments(TrainingArguments):
     mask_false_negatives: bool = field(default=True, metadata={"help": (
         "Never use a passage as a negative of a query it is relevant to: columns with the same passage id "
         "(column positive_id) or, without ids, the same text as the row's positive are masked.")})
+    gather_across_devices: bool = field(default=True, metadata={"help": (
+        "With several processes, share every micro-batch across them (with gradient), so each query sees all "
+        "processes' passages and the bank is one global pool, identical on every rank. False: each process "
+        "trains on its own micro-batch and keeps its own bank.")})
     query_max_length: int = field(default=64, metadata={"help": "Max tokens of a query (longer is truncated)."})
     passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
     max_hard_negatives: int | None = field(default=None, metadata={"help": (

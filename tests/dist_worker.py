@@ -1,0 +1,50 @@
+"""Launched by tests/test_distributed.py under torchrun or accelerate launch (2 CPU processes, gloo).
+
+Trains a tiny BiEncoder with ContAccumTrainer and writes, from rank 0, what the test
+compares against a single process on the global batch: parameters, logged losses, and
+every rank's bank checksum.
+"""
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import make_tokenizer, tiny_model, toy_rows, trainer_args  # noqa: E402
+
+
+def main(out_dir, config):
+    from datasets import Dataset
+    from accelerate import PartialState
+
+    from hf_contaccum import ContAccumTrainer
+
+    rank = int(os.environ.get("RANK", 0))
+    args = trainer_args(Path(out_dir) / f"rank{rank}", **config["args"])  # sets up the CPU process group
+    state = PartialState()
+    assert state.num_processes == 2, f"expected 2 processes, got {state.num_processes}"
+    assert torch.distributed.get_world_size() == 2
+    tmp = Path(tempfile.mkdtemp())
+    tokenizer = make_tokenizer(tmp)
+    ds = Dataset.from_list(toy_rows(config["rows"], config["negatives"]))
+    trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+    bank = trainer.memory_bank
+    checksum = torch.tensor([float(bank.queries.double().sum()), float(bank.passages.double().sum()),
+                             float(bank.passage_keys.sum() % 1000003), bank.ptr, bank.fill])
+    checksums = [torch.zeros_like(checksum) for _ in range(2)]
+    torch.distributed.all_gather(checksums, checksum)
+    if state.is_main_process:
+        torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                   Path(out_dir) / "params.pt")
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        (Path(out_dir) / "result.json").write_text(json.dumps({
+            "losses": [h["loss"] for h in logs], "checksums": [c.tolist() for c in checksums],
+            "steps": trainer.state.global_step}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], json.loads(sys.argv[2]))
