@@ -57,6 +57,10 @@ class ContAccumTrainer(Trainer):
         finally:
             args.eval_strategy = eval_strategy
         self.evaluator = evaluator
+        if self.accelerator.num_processes > 1 and args.gather_across_devices and not self.accelerator.even_batches:
+            # a rank that runs out of batches would leave the others waiting in the gather forever
+            raise ValueError("gather_across_devices needs accelerate's even_batches=True (the default): with uneven "
+                             "batches a process waits forever for the others' micro-batch")
         self.contrastive_loss = ContAccumLoss(
             args.query_bank_size, args.passage_bank_size, args.temperature, args.similarity,
             bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives, chunk_size=args.bank_chunk_size)

@@ -56,3 +56,22 @@ def test_uneven_dataset_is_evened_not_hung(tmp_path):
     result, _ = _launch(tmp_path, config, timeout=240)
     assert result["steps"] == 6  # ceil(45 / 4) = 12 global micro-batches / K 2
     assert result["checksums"][0] == result["checksums"][1]
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "accelerate_configs")
+
+
+def test_every_accelerate_config_loads():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+    assert {"single_gpu.yaml", "multi_gpu_ddp.yaml", "deepspeed_zero2.yaml", "fsdp.yaml", "cpu_2proc.yaml"} <= set(files)
+    for name in files:
+        config = load_config_from_file(os.path.join(CONFIG_DIR, name))
+        assert config.num_processes >= 1, name
+
+
+def test_cpu_recipe_runs_a_real_training_step(tmp_path):
+    config = dict(CONFIG, args=dict(CONFIG["args"], max_steps=1))
+    result, _ = _launch(tmp_path, config, launcher=os.path.join(CONFIG_DIR, "cpu_2proc.yaml"))
+    assert result["steps"] == 1 and result["checksums"][0] == result["checksums"][1]
