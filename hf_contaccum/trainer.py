@@ -9,6 +9,7 @@ from accelerate.utils import gather as gather_without_grad
 from transformers import Trainer
 
 from .data import ColumnMap, ContrastiveCollator
+from .gradcache import gradcache_training_step
 from .loss import ContAccumLoss
 from .training_args import ContAccumTrainingArguments
 
@@ -96,8 +97,13 @@ class ContAccumTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         q, p, hn, out = self.encode_batch(model, inputs)
+        loss = self.loss_from_embeddings(q, p, hn, inputs, training=model.training)
+        return (loss, out) if return_outputs else loss
+
+    def loss_from_embeddings(self, q, p, hn, inputs, training=True):
+        """The contrastive loss of one micro-batch's vectors (gathered across processes when
+        training with several), queued for the bank once the backward has run."""
         pk, hk = inputs["passage_keys"], inputs["hard_negative_keys"]
-        training = model.training
         world = self.accelerator.num_processes if self.args.gather_across_devices else 1
         q_bank, p_all, pk_all, hn_all, hk_all = q.detach(), p, pk, hn, hk
         if training and world > 1:
@@ -117,7 +123,7 @@ class ContAccumTrainer(Trainer):
             # every rank enqueues the same gathered micro-batch in rank order: one identical global bank
             self._pending_enqueue = (q_bank, p_all.detach(), pk_all, None if hn_all is None else hn_all.detach(),
                                      hk_all)
-        return (loss, out) if return_outputs else loss
+        return loss
 
     def _track(self, q, p, hn, stats):
         """Sum loss-side statistics and, through gradient hooks, the GradNormRatio (paper §5.5)."""
@@ -144,7 +150,10 @@ class ContAccumTrainer(Trainer):
                 hn.register_hook(hook("hn"))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.gradcache_chunk_size:
+            loss = gradcache_training_step(self, model, inputs)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         # Enqueue only now: the backward above still needed the bank as it was.
         if self._pending_enqueue is not None:
             self.contrastive_loss.enqueue(*self._pending_enqueue)

@@ -32,6 +32,11 @@ class ContAccumTrainingArguments(TrainingArguments):
         "With several processes, share every micro-batch across them (with gradient), so each query sees all "
         "processes' passages and the bank is one global pool, identical on every rank. False: each process "
         "trains on its own micro-batch and keeps its own bank.")})
+    gradcache_chunk_size: int | None = field(default=None, metadata={"help": (
+        "GradCache mode (None = off): encode the local batch in chunks of this many queries without a graph, "
+        "compute the loss on the detached vectors, then replay each chunk (same dropout) and back-propagate "
+        "the cached vector gradients. Exact large local batches at one chunk's activation memory, for a second "
+        "forward pass. Combines with memory_bank_size (the hybrid).")})
     query_max_length: int = field(default=64, metadata={"help": "Max tokens of a query (longer is truncated)."})
     passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
     max_hard_negatives: int | None = field(default=None, metadata={"help": (
@@ -52,6 +57,9 @@ class ContAccumTrainingArguments(TrainingArguments):
             raise ValueError(f"similarity must be 'dot' or 'cos', got {self.similarity!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.gradcache_chunk_size is not None and self.gradcache_chunk_size < 1:
+            raise ValueError(f"gradcache_chunk_size must be >= 1 query per chunk (or None to disable), got "
+                             f"{self.gradcache_chunk_size}")
         if self.bank_chunk_size < 1:
             raise ValueError(f"bank_chunk_size must be >= 1, got {self.bank_chunk_size}")
         if self.query_bank_size > self.passage_bank_size:
