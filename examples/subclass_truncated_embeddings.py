@@ -1,0 +1,50 @@
+"""Subclassing ContAccumTrainer in your own script: train embeddings that are used
+truncated to their first `dim` dimensions (cheaper index, Matryoshka-style use).
+
+The only hook needed is `encode_batch`, which returns (queries, positives, hard
+negatives, model outputs); the loss, the bank (now `dim` wide), accumulation,
+distributed gathering and GradCache all work on what it returns.
+
+    python examples/subclass_truncated_embeddings.py --dim 128 --max_steps 20
+"""
+from __future__ import annotations
+
+import argparse
+
+from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments
+
+
+class TruncatedEmbeddingTrainer(ContAccumTrainer):
+    def __init__(self, *args, dim: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dim = dim
+
+    def encode_batch(self, model, inputs):
+        q, p, hn, out = super().encode_batch(model, inputs)
+        cut = lambda x: None if x is None else x[..., : self.dim]
+        return cut(q), cut(p), cut(hn), out
+
+
+def main(argv=None):
+    from hf_contaccum.quickstart import default_encoder_path
+    from hf_contaccum.sample_data import load_wordnet_sample
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=128, help="dimensions kept")
+    parser.add_argument("--max_steps", type=int, default=20)
+    parser.add_argument("--output_dir", default="truncated_out")
+    args = parser.parse_args(argv)
+    model = BiEncoder.from_encoder(default_encoder_path())
+    train, *_ = load_wordnet_sample()
+    training_args = ContAccumTrainingArguments(output_dir=args.output_dir, max_steps=args.max_steps,
+                                               per_device_train_batch_size=8, gradient_accumulation_steps=4,
+                                               memory_bank_size=128, similarity="cos", temperature=0.05,
+                                               report_to="none", save_strategy="no")
+    trainer = TruncatedEmbeddingTrainer(model=model, args=training_args, train_dataset=train,
+                                        processing_class=model.tokenizer, dim=args.dim)
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

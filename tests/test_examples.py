@@ -1,0 +1,92 @@
+"""examples/: run_msmarco.py end to end on local files, its --help, and the subclassing example."""
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_tokenizer, tiny_model, toy_rows, trainer_args
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A tiny BERT with its tokenizer saved as an ordinary encoder checkpoint."""
+    from transformers import BertModel
+
+    from conftest import tiny_bert_config
+
+    path = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config()).save_pretrained(path)
+    make_tokenizer(tmp_path).save_pretrained(path)
+    return path
+
+
+def _write_beir(tmp_path, rows):
+    with open(tmp_path / "queries.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"_id": f"q{i}", "text": r["query"]}) + "\n")
+    with open(tmp_path / "corpus.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": r["positive"]}) + "\n")
+    with open(tmp_path / "qrels.tsv", "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["query-id", "corpus-id", "score"])
+        for i in range(len(rows)):
+            w.writerow([f"q{i}", f"d{i}", 1])
+
+
+def test_run_msmarco_trains_end_to_end_on_local_files(tmp_path, tiny_checkpoint):
+    rows = toy_rows(32, num_negatives=1)
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_beir(tmp_path, rows[:12])
+    out = tmp_path / "out"
+    metrics = _load("run_msmarco").main([
+        "--model_name_or_path", str(tiny_checkpoint), "--train_file", str(train_file), "--output_dir", str(out),
+        "--eval_queries_file", str(tmp_path / "queries.jsonl"), "--eval_corpus_file", str(tmp_path / "corpus.jsonl"),
+        "--eval_qrels_file", str(tmp_path / "qrels.tsv"), "--eval_k", "1,5", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--memory_bank_size", "8",
+        "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"])
+    assert 0 <= metrics["eval_ndcg@5"] <= 1 and "eval_accuracy@1" in metrics
+    from hf_contaccum import BiEncoder
+
+    reloaded = BiEncoder.from_pretrained(out)
+    assert reloaded.encode_queries(["apple banana"]).shape == (1, 16)
+
+
+def test_run_msmarco_help_documents_every_option():
+    script = os.path.join(EXAMPLES, "run_msmarco.py")
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout
+    module = _load("run_msmarco")
+    import dataclasses
+
+    for cls in (module.ModelArguments, module.DataArguments):
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name}" in out and f.metadata.get("help"), f.name
+    for option in ("--memory_bank_size", "--gradcache_chunk_size", "--gather_across_devices", "--temperature",
+                   "--max_memory_gb", "--train_file"):
+        assert option in out
+
+
+def test_subclassing_example_trains_with_a_narrower_bank(tmp_path, tokenizer, toy_dataset):
+    module = _load("subclass_truncated_embeddings")
+    args = trainer_args(tmp_path, memory_bank_size=8, max_steps=2)
+    trainer = module.TruncatedEmbeddingTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(16),
+                                               processing_class=tokenizer, dim=6)
+    trainer.train()
+    assert trainer.memory_bank.queries.shape == (8, 6)
