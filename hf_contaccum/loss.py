@@ -222,8 +222,19 @@ class ContAccumLoss:
         self.bank_lse.stale = True
 
     def state_dict(self):
-        return self.bank.state_dict()
+        state = self.bank.state_dict()
+        # The log-sum-exp cache is derived from the bank, but a rebuild sums in another order than the
+        # incremental updates did: keeping it makes a resumed run bitwise equal to an uninterrupted one.
+        if not self.bank_lse.stale:
+            state["lse_cache"] = {"chunk_size": self.bank_lse.chunk_size, "group_size": self.bank_lse.group_size,
+                                  "chunk_lse": self.bank_lse.chunk_lse.cpu(), "group_lse": self.bank_lse.group_lse.cpu()}
+        return state
 
     def load_state_dict(self, state, device=None):
         self.bank.load_state_dict(state, device)
-        self.bank_lse.stale = True
+        cache = state.get("lse_cache")
+        self.bank_lse.stale = cache is None or cache["chunk_size"] != self.bank_lse.chunk_size
+        if not self.bank_lse.stale:
+            self.bank_lse.group_size = cache["group_size"]
+            self.bank_lse.chunk_lse = cache["chunk_lse"].to(device or "cpu")
+            self.bank_lse.group_lse = cache["group_lse"].to(device or "cpu")

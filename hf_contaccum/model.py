@@ -6,6 +6,8 @@ tower also loads with AutoModel.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +91,47 @@ class BiEncoder(PreTrainedModel):
         except (OSError, ValueError, KeyError):
             model.tokenizer = None
         return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """The BiEncoder checkpoint, plus each tower as a plain transformers encoder in
+        query_encoder/ (and passage_encoder/), loadable with AutoModel, and, for a shared
+        tower, the module files that make the folder a sentence-transformers model.
+        The towers' weights are thus stored twice: the price of loading everywhere."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+        towers = {"query_encoder": self.query_encoder}
+        if not self.config.shared:
+            towers["passage_encoder"] = self.passage_encoder
+        for name, tower in towers.items():
+            tower.save_pretrained(os.path.join(save_directory, name))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(os.path.join(save_directory, name))
+        if self.config.shared:
+            self._write_sentence_transformers_files(save_directory)
+
+    def _write_sentence_transformers_files(self, root):
+        dim = self.query_encoder.config.hidden_size
+        max_len = getattr(self.tokenizer, "model_max_length", 512) if self.tokenizer is not None else 512
+        modules = [{"idx": 0, "name": "0", "path": "query_encoder", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if self.config.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+            os.makedirs(os.path.join(root, "2_Normalize"), exist_ok=True)
+        pooling = {"word_embedding_dimension": dim, "pooling_mode_cls_token": self.config.pooling == "cls",
+                   "pooling_mode_mean_tokens": self.config.pooling == "mean", "pooling_mode_max_tokens": False,
+                   "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}
+        files = {"modules.json": modules, "1_Pooling/config.json": pooling,
+                 "query_encoder/sentence_bert_config.json": {"max_seq_length": min(int(max_len), 512),
+                                                             "do_lower_case": False},
+                 "config_sentence_transformers.json": {"similarity_fn_name": "dot"}}
+        for rel, content in files.items():
+            os.makedirs(os.path.dirname(os.path.join(root, rel)) or root, exist_ok=True)
+            with open(os.path.join(root, rel), "w") as f:
+                json.dump(content, f, indent=2)
 
     @property
     def passage_tower(self):

@@ -11,6 +11,7 @@ from transformers import Trainer
 from .data import ColumnMap, ContrastiveCollator
 from .gradcache import gradcache_training_step
 from .loss import ContAccumLoss
+from .model_card import build_model_card
 from .training_args import ContAccumTrainingArguments
 
 BANK_FILE = "contaccum_bank_rank{rank}.pt"
@@ -192,6 +193,17 @@ class ContAccumTrainer(Trainer):
                 logs["grad_norm_ratio"] = sums["grad_norm_ratio"] / sums["ratio_count"]
             self._log_sums = {}
         super().log(logs, start_time)
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs):
+        """README.md with the ContAccum settings, GradNormRatio, evaluation, usage and citations."""
+        if not self.is_world_process_zero():
+            return
+        datasets = [dataset] if isinstance(dataset, str) else dataset
+        card = build_model_card(self, model_name=model_name, base_model=finetuned_from, datasets=datasets,
+                                language=language, license=license, tags=[tags] if isinstance(tags, str) else tags)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
 
     # -- checkpoints: the bank travels with the optimizer state -------------------------
     def _save_optimizer_and_scheduler(self, output_dir):

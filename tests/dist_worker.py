@@ -22,8 +22,8 @@ def main(out_dir, config):
 
     from hf_contaccum import ContAccumTrainer
 
-    rank = int(os.environ.get("RANK", 0))
-    args = trainer_args(Path(out_dir) / f"rank{rank}", **config["args"])  # sets up the CPU process group
+    # one output_dir shared by both ranks, as in real use; creating the arguments sets up the process group
+    args = trainer_args(Path(out_dir), **config["args"])
     state = PartialState()
     assert state.num_processes == 2, f"expected 2 processes, got {state.num_processes}"
     assert torch.distributed.get_world_size() == 2
@@ -31,7 +31,7 @@ def main(out_dir, config):
     tokenizer = make_tokenizer(tmp)
     ds = Dataset.from_list(toy_rows(config["rows"], config["negatives"]))
     trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=ds, processing_class=tokenizer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.get("resume"))
     bank = trainer.memory_bank
     checksum = torch.tensor([float(bank.queries.double().sum()), float(bank.passages.double().sum()),
                              float(bank.passage_keys.sum() % 1000003), bank.ptr, bank.fill])

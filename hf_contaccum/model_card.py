@@ -1,0 +1,117 @@
+"""Model cards for retrievers trained with ContAccumTrainer (written to README.md)."""
+from __future__ import annotations
+
+import statistics
+
+CONTACCUM_BIBTEX = """@inproceedings{kim2024contaccum,
+  title     = {A Gradient Accumulation Method for Dense Retriever under Memory Constraint},
+  author    = {Kim, Jaehee and Lee, Yookyung and Kang, Pilsung},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2024},
+  eprint    = {2406.12356},
+  archivePrefix = {arXiv}
+}"""
+
+GRADCACHE_BIBTEX = """@inproceedings{gao2021gradcache,
+  title     = {Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+  author    = {Gao, Luyu and Zhang, Yunyi and Han, Jiawei and Callan, Jamie},
+  booktitle = {Proceedings of the 6th Workshop on Representation Learning for NLP},
+  year      = {2021},
+  eprint    = {2101.06983},
+  archivePrefix = {arXiv}
+}"""
+
+_SKIP_EVAL = ("runtime", "per_second", "epoch", "steps")
+
+
+def _versions():
+    import accelerate
+    import datasets
+    import tokenizers
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"hf_contaccum": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+            "tokenizers": tokenizers.__version__}
+
+
+def _yaml_list(name, values):
+    values = [v for v in (values or []) if v]
+    return [f"{name}:"] + [f"- {v}" for v in values] if values else []
+
+
+def build_model_card(trainer, model_name=None, base_model=None, datasets=None, language=None, license=None,
+                     tags=None) -> str:
+    args, model = trainer.args, trainer.accelerator.unwrap_model(trainer.model)
+    history = trainer.state.log_history
+    world = args.world_size if args.gather_across_devices else 1
+    n_local, k = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    n_total = n_local * k * args.world_size
+    ratios = [h["grad_norm_ratio"] for h in history if "grad_norm_ratio" in h]
+    negatives = [h["negatives_per_query"] for h in history if "negatives_per_query" in h]
+    evals = [h for h in history if any(key.startswith("eval_") for key in h)]
+    latest_eval = {}
+    for h in evals:
+        latest_eval.update({key: v for key, v in h.items() if key.startswith("eval_") and not key.endswith(_SKIP_EVAL)})
+    base_model = base_model or getattr(model.config, "base_model_name", None)
+    name = model_name or trainer.hub_model_id or "contaccum-retriever"
+    tags = ["dense-retrieval", "contaccum", "hf_contaccum", "feature-extraction"] + list(tags or [])
+
+    front = ["---", "library_name: hf_contaccum", "pipeline_tag: feature-extraction"]
+    front += _yaml_list("tags", tags) + _yaml_list("datasets", datasets) + _yaml_list("language", [language])
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    if license:
+        front.append(f"license: {license}")
+    front.append("---")
+
+    lines = front + ["", f"# {name}", "",
+                     "A dense retriever (dual encoder) trained with Contrastive Accumulation (ContAccum): gradient "
+                     "accumulation plus a dual memory bank of past query and passage vectors, with "
+                     "[hf_contaccum](https://pypi.org/project/hf_contaccum/)."
+                     + (f" Fine-tuned from `{base_model}`." if base_model else ""), ""]
+    lines += ["## ContAccum training", "", "| setting | value |", "|---|---|",
+              f"| N_local (per-device micro-batch) | {n_local} |",
+              f"| K (accumulation steps) | {k} |",
+              f"| processes | {args.world_size} |",
+              f"| N_total (pairs per optimizer step) | {n_total} |",
+              f"| N_mem (query bank / passage bank) | {args.query_bank_size} / {args.passage_bank_size} |",
+              f"| negatives per query (mean over logged steps) | "
+              f"{statistics.mean(negatives):.1f} |" if negatives else "| negatives per query | n/a |",
+              f"| temperature | {args.temperature} |",
+              f"| similarity | {args.similarity} |",
+              f"| towers | {'shared' if model.config.shared else 'separate'}, {model.config.pooling} pooling"
+              f"{', L2-normalised' if model.config.normalize else ''} |",
+              f"| GradCache chunk | {args.gradcache_chunk_size or 'off'} |",
+              f"| banked hard negatives | {args.bank_hard_negatives} |",
+              f"| learning rate / max grad norm | {args.learning_rate} / {args.max_grad_norm} |",
+              f"| optimizer steps | {trainer.state.global_step} |", ""]
+    if world > 1:
+        lines += [f"The bank was one global pool shared by {world} processes.", ""]
+    if ratios:
+        lines += ["GradNormRatio (passage-side over query-side gradient norm at the embeddings; near 1 means "
+                  f"balanced towers): mean {statistics.mean(ratios):.3f}, min {min(ratios):.3f}, "
+                  f"max {max(ratios):.3f}, last {ratios[-1]:.3f} over {len(ratios)} logged steps.", ""]
+    if latest_eval:
+        lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key[5:]} | {value:.4f} |" for key, value in sorted(latest_eval.items())
+                  if isinstance(value, (int, float))]
+        lines.append("")
+    repo = trainer.hub_model_id or "path/to/this/model"
+    lines += ["## Usage", "", "```python", "from hf_contaccum import BiEncoder", "",
+              f'model = BiEncoder.from_pretrained("{repo}")',
+              'q = model.encode_queries(["what is a dense retriever?"])',
+              'p = model.encode_passages(["A dense retriever encodes queries and passages as vectors."])',
+              "scores = q @ p.T", "```", "",
+              "Each tower is also an ordinary transformers encoder in `query_encoder/` (and `passage_encoder/` "
+              "for separate towers): `AutoModel.from_pretrained(repo, subfolder=\"query_encoder\")`."]
+    if model.config.shared:
+        lines += ["With a shared tower the folder is also a sentence-transformers model: "
+                  "`SentenceTransformer(repo)`."]
+    lines += ["", "## Framework versions", ""]
+    lines += [f"- {k}: {v}" for k, v in _versions().items()]
+    lines += ["", "## Citation", "", "```bibtex", CONTACCUM_BIBTEX, "", GRADCACHE_BIBTEX, "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""Model card, push_to_hub with a mocked HfApi (no network), and the three loading routes."""
+import os
+from unittest import mock
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+
+from conftest import tiny_model, trainer_args
+from hf_contaccum import BiEncoder, ContAccumTrainer
+
+
+class _RepoUrl(str):
+    repo_id = "someone/tiny-contaccum"
+
+
+@pytest.fixture
+def mocked_hub(tmp_path):
+    uploads = []
+
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, **kwargs):
+        files = sorted(os.path.relpath(os.path.join(root, f), folder_path)
+                       for root, _, names in os.walk(folder_path) for f in names)
+        ignore = kwargs.get("ignore_patterns") or []
+        files = [f for f in files if not any(
+            __import__("fnmatch").fnmatch(f, pattern) or __import__("fnmatch").fnmatch(f.split(os.sep)[0], pattern)
+            for pattern in ignore)]
+        readme = os.path.join(folder_path, "README.md")
+        uploads.append({"repo_id": repo_id, "path_in_repo": path_in_repo, "files": files,
+                        "readme": open(readme).read() if os.path.exists(readme) else None})
+
+        class Done:
+            def done(self):
+                return True
+
+            is_done = done
+
+        return Done()
+
+    with mock.patch.object(HfApi, "create_repo", return_value=_RepoUrl("https://hub/someone/tiny-contaccum")) as cr, \
+            mock.patch.object(HfApi, "upload_folder", upload_folder):
+        yield cr, uploads
+
+
+def test_push_to_hub_at_end_with_model_card(tmp_path, tokenizer, toy_dataset, mocked_hub):
+    create_repo, uploads = mocked_hub
+    args = trainer_args(tmp_path, memory_bank_size=8, max_steps=2, push_to_hub=True,
+                        hub_model_id="someone/tiny-contaccum", hub_strategy="end")
+    model = tiny_model()
+    model.tokenizer = tokenizer
+    trainer = ContAccumTrainer(model=model, args=args, train_dataset=toy_dataset(16), processing_class=tokenizer)
+    trainer.train()
+    trainer.push_to_hub(finetuned_from="tiny-bert", dataset="toy-pairs")
+    assert create_repo.call_count == 1
+    final = uploads[-1]
+    assert final["repo_id"] == "someone/tiny-contaccum"
+    assert {"README.md", "config.json", "model.safetensors", "modules.json"} <= set(final["files"])
+    assert os.path.join("query_encoder", "model.safetensors") in final["files"]
+    assert not any("contaccum_bank" in f for f in final["files"])  # the bank never lands in the model repo
+    card = final["readme"]
+    for expected in ("library_name: hf_contaccum", "base_model: tiny-bert", "- toy-pairs", "## ContAccum training",
+                     "| N_local (per-device micro-batch) | 4 |", "| K (accumulation steps) | 2 |",
+                     "| N_total (pairs per optimizer step) | 8 |", "| N_mem (query bank / passage bank) | 8 / 8 |",
+                     "GradNormRatio", "BiEncoder.from_pretrained(\"someone/tiny-contaccum\")",
+                     "@inproceedings{kim2024contaccum", "@inproceedings{gao2021gradcache", "- transformers:"):
+        assert expected in card, expected
+
+
+def test_hub_strategy_checkpoint_pushes_bank_only_in_last_checkpoint(tmp_path, tokenizer, toy_dataset, mocked_hub):
+    _, uploads = mocked_hub
+    args = trainer_args(tmp_path, memory_bank_size=8, max_steps=2, push_to_hub=True, save_strategy="steps",
+                        save_steps=1, hub_model_id="someone/tiny-contaccum", hub_strategy="checkpoint")
+    trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(16), processing_class=tokenizer)
+    trainer.train()
+    roots = [u for u in uploads if u["path_in_repo"] in (None, "", ".")]
+    checkpoints = [u for u in uploads if u["path_in_repo"] == "last-checkpoint"]
+    assert roots and checkpoints
+    assert all(not any("contaccum_bank" in f for f in u["files"]) for u in roots)
+    assert any("contaccum_bank_rank0.pt" in u["files"] for u in checkpoints)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_saved_model_loads_three_ways_with_identical_embeddings(tmp_path, tokenizer, shared):
+    from transformers import AutoModel
+
+    model = tiny_model(shared=shared, normalize=True)
+    model.tokenizer = tokenizer
+    model.eval()
+    path = tmp_path / "saved"
+    model.save_pretrained(path)
+    texts = ["apple banana cherry", "delta echo"]
+    q, p = model.encode_queries(texts), model.encode_passages(texts)
+
+    reloaded = BiEncoder.from_pretrained(path)  # route 1
+    assert torch.allclose(reloaded.encode_queries(texts), q, atol=1e-6)
+    assert torch.allclose(reloaded.encode_passages(texts), p, atol=1e-6)
+
+    for tower, expected in [("query_encoder", q)] + ([] if shared else [("passage_encoder", p)]):  # route 2
+        encoder = AutoModel.from_pretrained(path, subfolder=tower).eval()
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        assert torch.allclose(emb, expected, atol=1e-6), tower
+
+    if shared:  # route 3
+        st = pytest.importorskip("sentence_transformers")
+        emb = st.SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_tensor=True)
+        assert torch.allclose(emb.cpu(), p, atol=1e-5)
