@@ -1,0 +1,81 @@
+"""Shared pieces of the benchmarks: one process per configuration (so peak memory is its
+own), configurations run in alternating order over repeats, medians kept."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def memory_mark():
+    """Memory in use now (MiB): CUDA allocations on a GPU, the process RSS on a CPU."""
+    if device() == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss / 2**20
+
+
+def peak_memory():
+    """Peak memory (MiB) since memory_mark on a GPU; the process's high-water RSS on a CPU."""
+    if device() == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_model_and_pairs(num_pairs, passage_suffix=False):
+    """The offline MiniLM and real (definition, lemmas) pairs from the bundled WordNet extract."""
+    from hf_contaccum import BiEncoder
+    from hf_contaccum.quickstart import default_encoder_path
+    from hf_contaccum.sample_data import load_wordnet_sample
+
+    torch.manual_seed(0)
+    model = BiEncoder.from_encoder(default_encoder_path(), normalize=True).to(device())
+    train, *_ = load_wordnet_sample()
+    rows = [train[i] for i in range(min(num_pairs, len(train)))]
+    if passage_suffix:  # longer passages, so that activations dominate memory
+        rows = [dict(r, positive=r["positive"] + " : " + r["query"] * 3) for r in rows]
+    return model, rows
+
+
+def timed(fn):
+    if device() == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device() == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_grid(script, configs, repeats, extra_args=()):
+    """Run `script --config <json>` for every config, `repeats` times in alternating order;
+    each run prints one JSON line. Returns {config key: [results]}."""
+    runs = {json.dumps(c, sort_keys=True): [] for c in configs}
+    for r in range(repeats):
+        for config in configs if r % 2 == 0 else configs[::-1]:
+            cmd = [sys.executable, script, "--config", json.dumps(config), *extra_args]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"FAILED {config}: {proc.stderr[-2000:]}", flush=True)
+                continue
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[json.dumps(config, sort_keys=True)].append(result)
+            print(json.dumps(result), flush=True)
+    return runs
+
+
+def median_of(results, key):
+    values = [r[key] for r in results if r.get(key) is not None]
+    return statistics.median(values) if values else None

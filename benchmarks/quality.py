@@ -1,0 +1,172 @@
+"""Retrieval quality of the training methods side by side, on real data, same model, same
+learning rate and number of optimizer steps (so the same pairs seen, except DPR with a
+small batch, which sees N_total/8 times fewer), several seeds: mean +- sd of nDCG@10 and
+Recall@100. Also quality against the bank size (paper fig. 3) and GradNormRatio over
+training with and without the query bank (paper fig. 5).
+
+Data: the bundled WordNet 3.0 extract, reverse dictionary (query = definition of a test
+synset, relevant = its lemmas), the offline all-MiniLM-L6-v2.
+
+    python benchmarks/quality.py --quick     # N_total 32, 3 seeds; ~10-15 min on 2 CPU cores
+    python benchmarks/quality.py             # N_total 128, 3 seeds (long on a CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import device  # noqa: E402
+
+N_LOCAL = 8
+
+
+def layouts(n_total, bank):
+    """method -> (per-device batch, K, query bank, passage bank, GradCache chunk, steps multiplier)."""
+    k = n_total // N_LOCAL
+    return {
+        "dpr-small": (N_LOCAL, 1, 0, 0, None, 1),
+        "gradaccum": (N_LOCAL, k, 0, 0, None, 1),
+        "gradcache": (n_total, 1, 0, 0, N_LOCAL, 1),
+        "prebatch": (N_LOCAL, k, 0, bank, None, 1),
+        f"contaccum-{bank}": (N_LOCAL, k, bank, bank, None, 1),
+        "full-batch": (n_total, 1, 0, 0, None, 1),
+    }
+
+
+def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output_dir):
+    from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments
+    from hf_contaccum.quickstart import default_encoder_path
+
+    per_device, k, qbank, pbank, chunk, _ = layout
+    torch.manual_seed(seed)
+    model = BiEncoder.from_encoder(default_encoder_path(), normalize=True)
+    args = ContAccumTrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=k,
+        max_steps=steps, learning_rate=lr, warmup_ratio=0.1, max_grad_norm=2.0, seed=seed, data_seed=seed,
+        memory_bank_size=pbank, query_memory_bank_size=qbank, passage_memory_bank_size=pbank,
+        gradcache_chunk_size=chunk, temperature=0.05, query_max_length=64, passage_max_length=32,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=device() == "cpu", disable_tqdm=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pre-batch ablation warns about gradient-norm imbalance, by design
+        trainer = ContAccumTrainer(model=model, args=args, train_dataset=train, processing_class=model.tokenizer)
+    trainer.train()
+    metrics = evaluator(model)
+    ratios = [h["grad_norm_ratio"] for h in trainer.state.log_history if "grad_norm_ratio" in h]
+    return {"method": method, "seed": seed, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"],
+            "grad_norm_ratio": ratios}
+
+
+def plot(results, sweep_methods, bank_sizes, main_method, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    xs, means, sds = [], [], []
+    for bank, method in zip(bank_sizes, sweep_methods):
+        vals = [r["ndcg@10"] for r in results if r["method"] == method]
+        if vals:
+            xs.append(bank)
+            means.append(statistics.mean(vals))
+            sds.append(statistics.stdev(vals) if len(vals) > 1 else 0)
+    axes[0].errorbar(xs, means, yerr=sds, marker="o", capsize=3)
+    axes[0].set_xscale("symlog", base=2)
+    axes[0].set_xlabel("N_mem (0 = gradient accumulation)")
+    axes[0].set_ylabel("nDCG@10")
+    axes[0].set_title("quality against bank size (cf. paper fig. 3)")
+    for method, style in ((main_method, "-"), ("prebatch", "--")):
+        runs = [r["grad_norm_ratio"] for r in results if r["method"] == method and r["grad_norm_ratio"]]
+        if runs:
+            length = min(len(r) for r in runs)
+            mean = [statistics.mean(r[i] for r in runs) for i in range(length)]
+            axes[1].plot(range(1, length + 1), mean, style,
+                         label=f"{method} ({'both banks' if method != 'prebatch' else 'passage bank only'})")
+    axes[1].set_xlabel("optimizer step")
+    axes[1].set_ylabel("GradNormRatio (passage / query)")
+    axes[1].set_title("gradient-norm balance (cf. paper fig. 5)")
+    axes[1].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--n_total", type=int, default=None)
+    parser.add_argument("--bank", type=int, default=None, help="N_mem of the ContAccum and pre-batch runs")
+    parser.add_argument("--sweep", type=int, nargs="*", default=None, help="extra N_mem values for the fig. 3 plot")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval_queries", type=int, default=None)
+    parser.add_argument("--corpus_size", type=int, default=None)
+    parser.add_argument("--output", default="benchmarks/results/quality")
+    args = parser.parse_args()
+    n_total = args.n_total or (32 if args.quick else 128)
+    bank = args.bank or (128 if args.quick else 1024)
+    sweep = args.sweep if args.sweep is not None else ([32, 512] if args.quick else [128, 512, 4096])
+    steps = args.steps or (12 if args.quick else 60)
+    eval_queries = args.eval_queries or (300 if args.quick else 1500)
+    corpus_size = args.corpus_size or (1000 if args.quick else 7500)
+
+    from hf_contaccum.evaluation import RetrievalEvaluator
+    from hf_contaccum.sample_data import load_wordnet_sample
+
+    train, queries, corpus, qrels = load_wordnet_sample(max_eval_queries=eval_queries, max_corpus=corpus_size)
+    evaluator = RetrievalEvaluator(queries, corpus, qrels, k_values=(10, 100), passage_max_length=32,
+                                   show_progress=False)
+    methods = layouts(n_total, bank)
+    for extra in sweep:
+        methods[f"contaccum-{extra}"] = (N_LOCAL, n_total // N_LOCAL, extra, extra, None, 1)
+    from hf_contaccum import BiEncoder
+    from hf_contaccum.quickstart import default_encoder_path
+
+    before = evaluator(BiEncoder.from_encoder(default_encoder_path(), normalize=True))
+    print("pretrained:", json.dumps(before), flush=True)
+    results = []
+    for seed in range(args.seeds):
+        for method, layout in methods.items():
+            r = train_and_evaluate(method, layout, seed, steps, evaluator, train, args.lr, "/tmp/quality_run")
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "grad_norm_ratio"}), flush=True)
+    table = []
+    for method in methods:
+        rows = [r for r in results if r["method"] == method]
+        entry = {"method": method}
+        for metric in ("ndcg@10", "recall@100"):
+            vals = [r[metric] for r in rows]
+            entry[metric] = statistics.mean(vals)
+            entry[metric + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        ratios = [statistics.mean(r["grad_norm_ratio"]) for r in rows if r["grad_norm_ratio"]]
+        entry["mean_grad_norm_ratio"] = statistics.mean(ratios) if ratios else None
+        table.append(entry)
+    print(f"\n{'method':<18}{'nDCG@10':>16}{'Recall@100':>16}{'GradNormRatio':>15}")
+    print(f"{'pretrained':<18}{before['ndcg@10']:>16.4f}{before['recall@100']:>16.4f}")
+    for e in table:
+        gnr = f"{e['mean_grad_norm_ratio']:.3f}" if e["mean_grad_norm_ratio"] else "-"
+        print(f"{e['method']:<18}{e['ndcg@10']:>9.4f} ± {e['ndcg@10_sd']:.4f}"
+              f"{e['recall@100']:>9.4f} ± {e['recall@100_sd']:.4f}{gnr:>15}")
+    suffix = "_quick" if args.quick else ""
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output + suffix + ".json", "w") as f:
+        json.dump({"n_total": n_total, "bank": bank, "steps": steps, "seeds": args.seeds, "lr": args.lr,
+                   "eval_queries": len(evaluator.queries), "corpus": len(corpus), "pretrained": before,
+                   "table": table, "runs": results}, f, indent=1)
+    sweep_sizes = sorted([0] + sweep + [bank])
+    sweep_methods = ["gradaccum" if b == 0 else f"contaccum-{b}" for b in sweep_sizes]
+    plot(results, sweep_methods, sweep_sizes, f"contaccum-{bank}", args.output + suffix + ".png")
+
+
+if __name__ == "__main__":
+    main()
