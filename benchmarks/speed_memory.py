@@ -81,7 +81,7 @@ def _st_cmnrl_steps(rows, n_total):
 
     from hf_contaccum.quickstart import default_encoder_path
 
-    model = SentenceTransformer(default_encoder_path(), device=device())
+    model = SentenceTransformer(str(default_encoder_path()), device=device())
     model.max_seq_length = 64
     loss_fn = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=N_LOCAL)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-7)

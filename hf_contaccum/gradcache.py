@@ -32,18 +32,24 @@ class _RngState:
 
 
 def _chunk_inputs(inputs: dict, start: int, stop: int) -> dict:
-    """Rows [start, stop) of the queries with their positives and hard negatives."""
+    """Rows [start, stop) of the queries with their positives and hard negatives.
+
+    The collator padded the whole local batch to its longest text; a chunk drops the token
+    columns that are padding in all of its rows, so a chunk costs what a micro-batch of the
+    same size would (masked positions never change the unmasked outputs)."""
     n, h = inputs["hard_negative_keys"].shape
     passage_rows = list(range(start, stop)) + [n + i * h + j for i in range(start, stop) for j in range(h)]
     index = torch.tensor(passage_rows, device=inputs["passage_input_ids"].device)
+    rows = {"query": lambda t: t[start:stop], "passage": lambda t: t.index_select(0, index)}
     out = {}
-    for key, value in inputs.items():
-        if key.startswith("query_"):
-            out[key] = value[start:stop]
-        elif key.startswith("passage_") and key != "passage_keys":
-            out[key] = value.index_select(0, index)
-        else:
-            out[key] = value[start:stop]
+    for side, take in rows.items():
+        mask = take(inputs[f"{side}_attention_mask"])
+        used = mask.any(0)  # token columns some row of this chunk uses
+        for key in (f"{side}_input_ids", f"{side}_attention_mask", f"{side}_token_type_ids"):
+            if key in inputs:
+                out[key] = take(inputs[key])[:, used]
+    out["passage_keys"] = inputs["passage_keys"][start:stop]
+    out["hard_negative_keys"] = inputs["hard_negative_keys"][start:stop]
     return out
 
 
