@@ -48,7 +48,7 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
     model = BiEncoder.from_encoder(default_encoder_path(), normalize=True)
     args = ContAccumTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=k,
-        max_steps=steps, learning_rate=lr, warmup_ratio=0.1, max_grad_norm=2.0, seed=seed, data_seed=seed,
+        max_steps=steps, learning_rate=lr, warmup_steps=0.1, max_grad_norm=2.0, seed=seed, data_seed=seed,
         memory_bank_size=pbank, query_memory_bank_size=qbank, passage_memory_bank_size=pbank,
         gradcache_chunk_size=chunk, temperature=0.05, query_max_length=64, passage_max_length=32,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=device() == "cpu", disable_tqdm=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -88,7 +89,7 @@ def _st_cmnrl_steps(rows, n_total):
     model.train()
 
     def features(texts):
-        return {k: v.to(device()) for k, v in model.tokenize(texts).items()}
+        return {k: v.to(device()) if torch.is_tensor(v) else v for k, v in model.tokenize(texts).items()}
 
     def step(i):
         step_rows = rows[i * n_total:(i + 1) * n_total]
@@ -149,21 +150,37 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (after one warm-up)")
     parser.add_argument("--output", default="benchmarks/results/speed_memory")
+    parser.add_argument("--summarize", default=None, help="only recompute the summary and plot of a results JSON")
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.config:
         return worker(json.loads(args.config))
+    if args.summarize:
+        return summarize(args.summarize)
     n_totals = args.n_total or ([32, 64, 128] if args.quick else [32, 64, 128, 256, 512])
     repeats = args.repeats or (1 if args.quick else 2)
     steps = args.steps or (2 if args.quick else 3)
     configs = [{"method": m, "n_total": n, "steps": steps} for n in n_totals for m in args.methods]
     runs = run_grid(os.path.abspath(__file__), configs, repeats)
+    suffix = "_quick" if args.quick else ""
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output + suffix + ".json", "w") as f:
+        json.dump({"n_local": N_LOCAL, "repeats": repeats, "steps": steps, "configs": configs, "runs": runs}, f,
+                  indent=1)
+    summarize(args.output + suffix + ".json")
+
+
+def summarize(path):
+    """Medians over every timed step of every repeat, ratios to GradAccum; table, JSON and PNG."""
+    with open(path) as f:
+        data = json.load(f)
     summary = []
-    for config in configs:
-        results = runs[json.dumps(config, sort_keys=True)]
+    for config in data.get("configs") or [json.loads(key) for key in data["runs"]]:
+        results = data["runs"][json.dumps(config, sort_keys=True)]
+        pooled = [t for r in results for t in r["all_seconds"]]
         summary.append({"method": config["method"], "n_total": config["n_total"],
-                        "seconds_per_step": median_of(results, "seconds_per_step"),
-                        "peak_mb": median_of(results, "peak_mb"),
+                        "seconds_per_step": statistics.median(pooled) if pooled else None,
+                        "timed_steps": len(pooled), "peak_mb": median_of(results, "peak_mb"),
                         "peak_minus_start_mb": median_of(results, "peak_minus_start_mb"),
                         "device": results[0]["device"] if results else device()})
     base = {s["n_total"]: s for s in summary if s["method"] == "gradaccum"}
@@ -175,12 +192,10 @@ def main():
     for s in summary:
         print(f"{s['method']:<16}{s['n_total']:>8}{s['seconds_per_step'] or float('nan'):>9.3f}"
               f"{s.get('time_vs_gradaccum', float('nan')):>13.3f}{s['peak_minus_start_mb'] or float('nan'):>10.0f}")
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    with open(args.output + suffix + ".json", "w") as f:
-        json.dump({"n_local": N_LOCAL, "repeats": repeats, "steps": steps, "summary": summary, "runs": runs}, f,
-                  indent=1)
-    plot(summary, args.output + suffix + ".png")
+    data["summary"] = summary
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    plot(summary, path.replace(".json", ".png"))
 
 
 if __name__ == "__main__":

@@ -59,9 +59,10 @@ class MemoryBank:
                 "give every example the same number of hard negatives or set bank_hard_negatives=False"
             )
         if n > self.capacity:  # only the newest `capacity` rows survive a FIFO of that size
-            queries, passages, passage_keys = queries[-self.capacity :], passages[-self.capacity :], passage_keys[-self.capacity :]
+            newest = slice(n - self.capacity, n)
+            queries, passages, passage_keys = queries[newest], passages[newest], passage_keys[newest]
             if hard_negatives is not None:
-                hard_negatives, hard_negative_keys = hard_negatives[-self.capacity :], hard_negative_keys[-self.capacity :]
+                hard_negatives, hard_negative_keys = hard_negatives[newest], hard_negative_keys[newest]
             self.num_enqueued += n - self.capacity
             n = self.capacity
         slots = (torch.arange(n) + self.ptr) % self.capacity

@@ -65,7 +65,8 @@ class ContAccumTrainer(Trainer):
                              "batches a process waits forever for the others' micro-batch")
         self.contrastive_loss = ContAccumLoss(
             args.query_bank_size, args.passage_bank_size, args.temperature, args.similarity,
-            bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives, chunk_size=args.bank_chunk_size)
+            bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives,
+            chunk_size=args.bank_chunk_size)
         self._pending_enqueue = None
         self._log_sums = {}
 
