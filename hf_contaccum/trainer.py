@@ -63,6 +63,9 @@ class ContAccumTrainer(Trainer):
             # a rank that runs out of batches would leave the others waiting in the gather forever
             raise ValueError("gather_across_devices needs accelerate's even_batches=True (the default): with uneven "
                              "batches a process waits forever for the others' micro-batch")
+        if args.gradcache_chunk_size and self.accelerator.distributed_type == "DEEPSPEED":
+            raise ValueError("gradcache_chunk_size is not supported under DeepSpeed, whose engine owns the backward; "
+                             "use DDP or FSDP, or turn GradCache off")
         self.contrastive_loss = ContAccumLoss(
             args.query_bank_size, args.passage_bank_size, args.temperature, args.similarity,
             bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives,
