@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 

@@ -114,7 +114,6 @@ class BankLogsumexp:
 class LossStats:
     num_rows: int  # loss rows: current queries + banked queries
     num_columns: int  # candidate passages per row (negatives per query = this - 1)
-    bank_fill: int
 
 
 class ContAccumLoss:
@@ -161,7 +160,7 @@ class ContAccumLoss:
         one global mean over R*n + N_mem rows.
         """
         q, p = self._prepare(queries), self._prepare(passages)
-        n, num_cur = q.shape[0], p.shape[0]
+        n = q.shape[0]
         cols, keys = [p], [passage_keys]
         if hard_negatives is not None and hard_negatives.shape[1] > 0:
             cols.append(self._prepare(hard_negatives).flatten(0, 1))
@@ -204,7 +203,7 @@ class ContAccumLoss:
                 target = (bq * bank.passages[rows]).sum(-1) / self.temperature
                 total = total + (lse - target).sum()
                 num_rows += num_bank_rows
-        stats = LossStats(num_rows, logits.shape[1], bank.fill)
+        stats = LossStats(num_rows, logits.shape[1])
         return total * world_size / num_rows, stats
 
     @torch.no_grad()

@@ -1,5 +1,4 @@
 """Launched by tests/test_resume.py: train, optionally SIGKILL itself at a step, or resume."""
-import json
 import os
 import signal
 import sys
