@@ -26,13 +26,15 @@ SIMILARITIES = ("dot", "cos")
 NEG_INF = float("-inf")
 
 
-def bank_columns(bank: MemoryBank, count: int | None = None):
-    """Banked column vectors (count, 1+H, d) and keys (count, 1+H) of slots [0, count)."""
-    count = bank.fill if count is None else count
-    vecs, keys = bank.passages[:count, None], bank.passage_keys[:count, None]
+def bank_columns(bank: MemoryBank, first: int = 0, last: int | None = None):
+    """Banked column vectors (S, 1+H, d) and keys (S, 1+H) of slots [first, last) (default: the valid ones).
+
+    Without banked hard negatives these are views; with them only the requested slots are copied."""
+    slots = slice(first, bank.fill if last is None else last)
+    vecs, keys = bank.passages[slots, None], bank.passage_keys[slots, None]
     if bank.num_hard_negatives:
-        vecs = torch.cat([vecs, bank.hard_negatives[:count]], 1)
-        keys = torch.cat([keys, bank.hard_negative_keys[:count]], 1)
+        vecs = torch.cat([vecs, bank.hard_negatives[slots]], 1)
+        keys = torch.cat([keys, bank.hard_negative_keys[slots]], 1)
     return vecs, keys
 
 
@@ -55,8 +57,7 @@ class BankLogsumexp:
 
     def _slot_lse(self, bank, rows, first, last, temperature, mask_false_negatives):
         """(R, last-first): per row, log-sum-exp over the 1+H columns of each slot in [first, last)."""
-        vecs, keys = bank_columns(bank, bank.capacity)
-        vecs, keys = vecs[first:last], keys[first:last]
+        vecs, keys = bank_columns(bank, first, last)
         num_slots, width = keys.shape
         queries = bank.queries[rows]
         logits = (queries @ vecs.flatten(0, 1).T).view(-1, num_slots, width) / temperature
