@@ -4,11 +4,15 @@ small batch, which sees N_total/8 times fewer), several seeds: mean +- sd of nDC
 Recall@100. Also quality against the bank size (paper fig. 3) and GradNormRatio over
 training with and without the query bank (paper fig. 5).
 
-Data: the bundled WordNet 3.0 extract, reverse dictionary (query = definition of a test
-synset, relevant = its lemmas), the offline all-MiniLM-L6-v2.
+Model: the offline all-MiniLM-L6-v2. Tasks (--task):
+  wordnet  the bundled WordNet 3.0 extract, reverse dictionary (query = definition of a test
+           synset, relevant = its lemmas);
+  debian   Debian package search (query = a package's synopsis, relevant = its description),
+           built from the machine's apt lists: see benchmarks/debian_packages.py.
 
-    python benchmarks/quality.py --quick     # N_total 32, 3 seeds; ~10-15 min on 2 CPU cores
-    python benchmarks/quality.py             # N_total 128, 3 seeds (long on a CPU)
+    python benchmarks/quality.py --quick                 # N_total 32, 3 seeds; ~10-15 min on 2 CPU cores
+    python benchmarks/quality.py                         # N_total 128, 3 seeds (long on a CPU)
+    python benchmarks/quality.py --task debian --quick
 """
 from __future__ import annotations
 
@@ -39,7 +43,22 @@ def layouts(n_total, bank):
     }
 
 
-def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output_dir):
+# (query, passage) max lengths in tokens: definitions are long and lemmas short; synopses are
+# short and descriptions long
+MAX_LENGTHS = {"wordnet": (64, 32), "debian": (32, 64)}
+
+
+def load_task(task, eval_queries, corpus_size):
+    if task == "debian":
+        from debian_packages import load_debian_packages
+
+        return load_debian_packages(max_eval_queries=eval_queries, max_corpus=corpus_size)
+    from hf_contaccum.sample_data import load_wordnet_sample
+
+    return load_wordnet_sample(max_eval_queries=eval_queries, max_corpus=corpus_size)
+
+
+def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output_dir, max_lengths):
     from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments
     from hf_contaccum.quickstart import default_encoder_path
 
@@ -50,7 +69,7 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
         output_dir=output_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=k,
         max_steps=steps, learning_rate=lr, warmup_steps=0.1, max_grad_norm=2.0, seed=seed, data_seed=seed,
         memory_bank_size=pbank, query_memory_bank_size=qbank, passage_memory_bank_size=pbank,
-        gradcache_chunk_size=chunk, temperature=0.05, query_max_length=64, passage_max_length=32,
+        gradcache_chunk_size=chunk, temperature=0.05, query_max_length=max_lengths[0], passage_max_length=max_lengths[1],
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=device() == "cpu", disable_tqdm=True)
     import warnings
 
@@ -103,6 +122,7 @@ def plot(results, sweep_methods, bank_sizes, main_method, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--task", choices=sorted(MAX_LENGTHS), default="wordnet")
     parser.add_argument("--n_total", type=int, default=None)
     parser.add_argument("--bank", type=int, default=None, help="N_mem of the ContAccum and pre-batch runs")
     parser.add_argument("--sweep", type=int, nargs="*", default=None, help="extra N_mem values for the fig. 3 plot")
@@ -111,7 +131,7 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval_queries", type=int, default=None)
     parser.add_argument("--corpus_size", type=int, default=None)
-    parser.add_argument("--output", default="benchmarks/results/quality")
+    parser.add_argument("--output", default=None, help="path prefix; default benchmarks/results/quality_<task>")
     args = parser.parse_args()
     n_total = args.n_total or (32 if args.quick else 128)
     bank = args.bank or (128 if args.quick else 1024)
@@ -121,11 +141,12 @@ def main():
     corpus_size = args.corpus_size or (1000 if args.quick else 7500)
 
     from hf_contaccum.evaluation import RetrievalEvaluator
-    from hf_contaccum.sample_data import load_wordnet_sample
 
-    train, queries, corpus, qrels = load_wordnet_sample(max_eval_queries=eval_queries, max_corpus=corpus_size)
-    evaluator = RetrievalEvaluator(queries, corpus, qrels, k_values=(10, 100), passage_max_length=32,
-                                   show_progress=False)
+    output = args.output or f"benchmarks/results/quality_{args.task}"
+    max_lengths = MAX_LENGTHS[args.task]
+    train, queries, corpus, qrels = load_task(args.task, eval_queries, corpus_size)
+    evaluator = RetrievalEvaluator(queries, corpus, qrels, k_values=(10, 100), query_max_length=max_lengths[0],
+                                   passage_max_length=max_lengths[1], show_progress=False)
     methods = layouts(n_total, bank)
     for extra in sweep:
         methods[f"contaccum-{extra}"] = (N_LOCAL, n_total // N_LOCAL, extra, extra, None, 1)
@@ -137,7 +158,8 @@ def main():
     results = []
     for seed in range(args.seeds):
         for method, layout in methods.items():
-            r = train_and_evaluate(method, layout, seed, steps, evaluator, train, args.lr, "/tmp/quality_run")
+            r = train_and_evaluate(method, layout, seed, steps, evaluator, train, args.lr, "/tmp/quality_run",
+                                   max_lengths)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "grad_norm_ratio"}), flush=True)
     table = []
@@ -158,14 +180,14 @@ def main():
         print(f"{e['method']:<18}{e['ndcg@10']:>9.4f} ± {e['ndcg@10_sd']:.4f}"
               f"{e['recall@100']:>9.4f} ± {e['recall@100_sd']:.4f}{gnr:>15}")
     suffix = "_quick" if args.quick else ""
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output + suffix + ".json", "w") as f:
-        json.dump({"n_total": n_total, "bank": bank, "steps": steps, "seeds": args.seeds, "lr": args.lr,
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output + suffix + ".json", "w") as f:
+        json.dump({"task": args.task, "n_total": n_total, "bank": bank, "steps": steps, "seeds": args.seeds, "lr": args.lr,
                    "eval_queries": len(evaluator.queries), "corpus": len(corpus), "pretrained": before,
                    "table": table, "runs": results}, f, indent=1)
     sweep_sizes = sorted([0] + sweep + [bank])
     sweep_methods = ["gradaccum" if b == 0 else f"contaccum-{b}" for b in sweep_sizes]
-    plot(results, sweep_methods, sweep_sizes, f"contaccum-{bank}", args.output + suffix + ".png")
+    plot(results, sweep_methods, sweep_sizes, f"contaccum-{bank}", output + suffix + ".png")
 
 
 if __name__ == "__main__":

@@ -150,13 +150,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (after one warm-up)")
     parser.add_argument("--output", default="benchmarks/results/speed_memory")
-    parser.add_argument("--summarize", default=None, help="only recompute the summary and plot of a results JSON")
+    parser.add_argument("--summarize", nargs="+", default=None,
+                        help="only recompute the summary and plot of a results JSON; several are merged into "
+                             "OUTPUT.json (e.g. a quick run and a run at N_total 256 512)")
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.config:
         return worker(json.loads(args.config))
     if args.summarize:
-        return summarize(args.summarize)
+        return summarize(args.summarize[0] if len(args.summarize) == 1 else merge(args.summarize, args.output))
     n_totals = args.n_total or ([32, 64, 128] if args.quick else [32, 64, 128, 256, 512])
     repeats = args.repeats or (1 if args.quick else 2)
     steps = args.steps or (2 if args.quick else 3)
@@ -168,6 +170,21 @@ def main():
         json.dump({"n_local": N_LOCAL, "repeats": repeats, "steps": steps, "configs": configs, "runs": runs}, f,
                   indent=1)
     summarize(args.output + suffix + ".json")
+
+
+def merge(paths, output):
+    """One results file from several runs of the grid (configs in order of N_total, then method)."""
+    merged = {"n_local": N_LOCAL, "merged_from": paths, "configs": [], "runs": {}}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        merged["configs"] += data["configs"]
+        merged["runs"].update(data["runs"])
+        merged.setdefault("repeats_steps", {})[path] = [data["repeats"], data["steps"]]
+    merged["configs"].sort(key=lambda c: (c["n_total"], METHODS.index(c["method"])))
+    with open(output + ".json", "w") as f:
+        json.dump(merged, f, indent=1)
+    return output + ".json"
 
 
 def summarize(path):

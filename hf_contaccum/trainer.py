@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed.nn.functional  # noqa: F401  (all_gather with autograd)
+import torch.distributed._functional_collectives as collectives
+import torch.distributed.nn.functional  # noqa: F401  (fallback for torch without all_gather_single_autograd)
 from accelerate.utils import gather as gather_without_grad
 from transformers import Trainer
 
@@ -17,6 +18,14 @@ from .training_args import ContAccumTrainingArguments
 BANK_FILE = "contaccum_bank_rank{rank}.pt"
 MODEL_INPUTS = ("query_input_ids", "query_attention_mask", "query_token_type_ids",
                 "passage_input_ids", "passage_attention_mask", "passage_token_type_ids")
+
+
+def gather_with_grad(t):
+    """Concatenate every rank's `t` along dim 0, keeping autograd: the backward sums each rank's
+    gradient back to the owner. torch's successor of the deprecated torch.distributed.nn all_gather."""
+    if hasattr(collectives, "all_gather_single_autograd"):
+        return collectives.all_gather_single_autograd(t.contiguous(), 0, torch.distributed.group.WORLD)
+    return torch.cat(torch.distributed.nn.functional.all_gather(t))
 
 
 class ContAccumTrainer(Trainer):
@@ -95,9 +104,8 @@ class ContAccumTrainer(Trainer):
                 f"micro-batches differ across processes (per rank [batch size, hard negatives]: {sizes}); the "
                 "gathered similarity matrix needs equal shapes. Keep accelerate's even_batches (default) or set "
                 "dataloader_drop_last=True, and give every row the same number of hard negatives")
-        with_grad = lambda t: torch.cat(torch.distributed.nn.functional.all_gather(t))
-        p_all = with_grad(p)
-        hn_all = with_grad(hn) if hn is not None else None
+        p_all = gather_with_grad(p)
+        hn_all = gather_with_grad(hn) if hn is not None else None
         return gather_without_grad(q.detach()), p_all, gather_without_grad(pk), hn_all, gather_without_grad(hk)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -44,6 +44,15 @@ def main(out_dir, config):
         (Path(out_dir) / "result.json").write_text(json.dumps({
             "losses": [h["loss"] for h in logs], "checksums": [c.tolist() for c in checksums],
             "steps": trainer.state.global_step}))
+    state.wait_for_everyone()
+    # Leave without interpreter teardown. torch 2.13's gloo group cannot be torn down reliably from
+    # Python: left to exit, its worker thread is sometimes destroyed while joinable (SIGABRT,
+    # "terminate called without an active exception"); destroyed earlier, its destructor joins that
+    # thread holding the GIL while the thread waits for the GIL to free a gathered tensor (deadlock).
+    # Both were seen here after the results were written; neither says anything about the library.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
