@@ -17,9 +17,9 @@ which downloads the English descriptions (the *_i18n_Translation-en* files).
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import lzma
-import gzip
 import subprocess
 
 LISTS = "/var/lib/apt/lists"

@@ -14,7 +14,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import device, load_model_and_pairs, median_of, memory_mark, peak_memory, run_grid, timed  # noqa: E402
+from _harness import (
+    device,
+    load_model_and_pairs,
+    median_of,
+    memory_mark,
+    peak_memory,
+    run_grid,
+    timed,
+)
 
 
 def worker(config):

@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import device  # noqa: E402
+from _harness import device
 
 N_LOCAL = 8
 

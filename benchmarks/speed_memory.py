@@ -26,7 +26,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import device, load_model_and_pairs, median_of, memory_mark, peak_memory, run_grid, timed  # noqa: E402
+from _harness import (
+    device,
+    load_model_and_pairs,
+    median_of,
+    memory_mark,
+    peak_memory,
+    run_grid,
+    timed,
+)
 
 N_LOCAL = 8
 METHODS = ["full", "gradaccum", "contaccum-128", "contaccum-1024", "contaccum-8192", "gradcache", "hybrid", "st-cmnrl"]

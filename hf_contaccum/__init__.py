@@ -6,6 +6,14 @@ from .model import BiEncoder, BiEncoderConfig
 from .trainer import ContAccumTrainer
 from .training_args import ContAccumTrainingArguments
 
-__all__ = ["BiEncoder", "BiEncoderConfig", "ContAccumLoss", "ContAccumTrainer", "ContAccumTrainingArguments",
-           "ContrastiveCollator", "ColumnMap", "MemoryBank"]
+__all__ = [
+           "BiEncoder",
+           "BiEncoderConfig",
+           "ColumnMap",
+           "ContAccumLoss",
+           "ContAccumTrainer",
+           "ContAccumTrainingArguments",
+           "ContrastiveCollator",
+           "MemoryBank",
+]
 __version__ = "0.1.0"

@@ -37,7 +37,7 @@ class ColumnMap:
     negative_list: str | None
 
     @classmethod
-    def from_columns(cls, columns) -> "ColumnMap":
+    def from_columns(cls, columns) -> ColumnMap:
         columns = list(columns)
         query = next((c for c in QUERY_COLUMNS if c in columns), None)
         positive = next((c for c in POSITIVE_COLUMNS if c in columns), None)

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.utils import ModelOutput
 
 POOLINGS = ("cls", "mean")
@@ -68,7 +74,7 @@ class BiEncoder(PreTrainedModel):
     # -- construction ----------------------------------------------------------------
     @classmethod
     def from_encoder(cls, name_or_path: str, shared: bool = True, pooling: str = "mean",
-                     normalize: bool = False, **hub_kwargs) -> "BiEncoder":
+                     normalize: bool = False, **hub_kwargs) -> BiEncoder:
         """Build from any transformers encoder checkpoint (hub id or local folder)."""
         query = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
         passage = None if shared else AutoModel.from_pretrained(name_or_path, **hub_kwargs)

@@ -5,7 +5,7 @@ import os
 
 import torch
 import torch.distributed._functional_collectives as collectives
-import torch.distributed.nn.functional  # noqa: F401  (fallback for torch without all_gather_single_autograd)
+import torch.distributed.nn.functional
 from accelerate.utils import gather as gather_without_grad
 from transformers import Trainer
 

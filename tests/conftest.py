@@ -37,8 +37,7 @@ def tiny_model(shared=True, pooling="mean", normalize=False, seed=0, dropout=0.0
                                          normalize=normalize)
 
 
-WORDS = ("apple banana cherry delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+WORDS = ["apple", "banana", "cherry", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu"]
 
 
 def toy_rows(n, num_negatives=0, seed=0):

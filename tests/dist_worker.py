@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_tokenizer, tiny_model, toy_rows, trainer_args  # noqa: E402
+from conftest import make_tokenizer, tiny_model, toy_rows, trainer_args
 
 
 def main(out_dir, config):
-    from datasets import Dataset
     from accelerate import PartialState
+    from datasets import Dataset
 
     from hf_contaccum import ContAccumTrainer
 

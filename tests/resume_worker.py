@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_tokenizer, tiny_model, toy_rows, trainer_args  # noqa: E402
+from conftest import make_tokenizer, tiny_model, toy_rows, trainer_args
 
 
 class KillAt(TrainerCallback):

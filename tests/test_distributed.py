@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import tiny_model, toy_rows, trainer_args
+
 from hf_contaccum import ContAccumTrainer
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_tokenizer, tiny_model, toy_rows, trainer_args
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
@@ -25,9 +24,8 @@ def _load(name):
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A tiny BERT with its tokenizer saved as an ordinary encoder checkpoint."""
-    from transformers import BertModel
-
     from conftest import tiny_bert_config
+    from transformers import BertModel
 
     path = tmp_path / "tiny-bert"
     torch.manual_seed(0)
@@ -38,11 +36,9 @@ def tiny_checkpoint(tmp_path):
 
 def _write_beir(tmp_path, rows):
     with open(tmp_path / "queries.jsonl", "w") as f:
-        for i, r in enumerate(rows):
-            f.write(json.dumps({"_id": f"q{i}", "text": r["query"]}) + "\n")
+        f.writelines(json.dumps({"_id": f"q{i}", "text": r["query"]}) + "\n" for i, r in enumerate(rows))
     with open(tmp_path / "corpus.jsonl", "w") as f:
-        for i, r in enumerate(rows):
-            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": r["positive"]}) + "\n")
+        f.writelines(json.dumps({"_id": f"d{i}", "title": "", "text": r["positive"]}) + "\n" for i, r in enumerate(rows))
     with open(tmp_path / "qrels.tsv", "w", newline="") as f:
         w = csv.writer(f, delimiter="\t")
         w.writerow(["query-id", "corpus-id", "score"])

@@ -3,10 +3,10 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny_model, trainer_args
-from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 from reference import naive_contaccum_loss
+
+from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 
 
 def _reference_grads(model, batch, seed, k):

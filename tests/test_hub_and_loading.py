@@ -4,9 +4,9 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import tiny_model, trainer_args
 from huggingface_hub import HfApi
 
-from conftest import tiny_model, trainer_args
 from hf_contaccum import BiEncoder, ContAccumTrainer
 
 

@@ -1,9 +1,9 @@
 """The loss against a literal implementation of the paper's equations (5-9)."""
 import pytest
 import torch
+from reference import naive_contaccum_loss
 
 from hf_contaccum.loss import ContAccumLoss
-from reference import naive_contaccum_loss
 
 
 @pytest.mark.parametrize("bank_hn", [False, True])

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import torch
-
 from test_distributed import CONFIG, _launch
 
 WORKER = os.path.join(os.path.dirname(__file__), "resume_worker.py")

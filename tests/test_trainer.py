@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model, toy_rows, trainer_args
 
-from conftest import tiny_model, trainer_args, toy_rows
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 
 
