@@ -131,6 +131,8 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval_queries", type=int, default=None)
     parser.add_argument("--corpus_size", type=int, default=None)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in the output JSON (same settings) and run only the missing ones")
     parser.add_argument("--output", default=None, help="path prefix; default benchmarks/results/quality_<task>")
     args = parser.parse_args()
     n_total = args.n_total or (32 if args.quick else 128)
@@ -153,19 +155,55 @@ def main():
     from hf_contaccum import BiEncoder
     from hf_contaccum.quickstart import default_encoder_path
 
-    before = evaluator(BiEncoder.from_encoder(default_encoder_path(), normalize=True))
+    suffix = "_quick" if args.quick else ""
+    path = output + suffix + ".json"
+    config = {"task": args.task, "n_total": n_total, "bank": bank, "steps": steps, "seeds": args.seeds, "lr": args.lr,
+              "eval_queries": len(evaluator.queries), "corpus": len(corpus)}
+    results, before = [], None
+    if args.resume and os.path.exists(path):
+        # an interrupted run (or one with fewer sweep points) goes on where it stopped; mixing settings would
+        # put incomparable numbers in one table
+        with open(path) as f:
+            saved = json.load(f)
+        differing = {k: (saved.get(k), v) for k, v in config.items() if k != "seeds" and saved.get(k) != v}
+        if differing:
+            raise SystemExit(f"--resume: {path} was made with other settings (saved, now): {differing}")
+        results, before = saved["runs"], saved["pretrained"]
+    if before is None:
+        before = evaluator(BiEncoder.from_encoder(default_encoder_path(), normalize=True))
     print("pretrained:", json.dumps(before), flush=True)
-    results = []
+    done = {(r["method"], r["seed"]) for r in results}
+    os.makedirs(os.path.dirname(output), exist_ok=True)
     for seed in range(args.seeds):
         for method, layout in methods.items():
+            if (method, seed) in done:
+                continue
             r = train_and_evaluate(method, layout, seed, steps, evaluator, train, args.lr, "/tmp/quality_run",
                                    max_lengths)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "grad_norm_ratio"}), flush=True)
+            save(path, config, before, results)  # after every run: a stopped benchmark keeps what it measured
+    table = save(path, config, before, results)
+    print(f"\n{'method':<18}{'nDCG@10':>16}{'Recall@100':>16}{'GradNormRatio':>15}")
+    print(f"{'pretrained':<18}{before['ndcg@10']:>16.4f}{before['recall@100']:>16.4f}")
+    for e in table:
+        gnr = f"{e['mean_grad_norm_ratio']:.3f}" if e["mean_grad_norm_ratio"] else "-"
+        print(f"{e['method']:<18}{e['ndcg@10']:>9.4f} ± {e['ndcg@10_sd']:.4f}"
+              f"{e['recall@100']:>9.4f} ± {e['recall@100_sd']:.4f}{gnr:>15}")
+    # every bank size measured so far goes on the fig. 3 plot, including those of earlier --resume runs
+    bank_sizes = {int(r["method"].split("-")[1]) for r in results if r["method"].startswith("contaccum-")}
+    sweep = sorted(bank_sizes - {bank})
+    sweep_sizes = sorted([0] + sweep + [bank])
+    sweep_methods = ["gradaccum" if b == 0 else f"contaccum-{b}" for b in sweep_sizes]
+    plot(results, sweep_methods, sweep_sizes, f"contaccum-{bank}", output + suffix + ".png")
+
+
+def save(path, config, before, results):
+    """Write the per-method summary (mean ± sd over seeds) and every run; returns the summary."""
     table = []
-    for method in methods:
+    for method in dict.fromkeys(r["method"] for r in results):
         rows = [r for r in results if r["method"] == method]
-        entry = {"method": method}
+        entry = {"method": method, "runs": len(rows)}
         for metric in ("ndcg@10", "recall@100"):
             vals = [r[metric] for r in rows]
             entry[metric] = statistics.mean(vals)
@@ -173,21 +211,9 @@ def main():
         ratios = [statistics.mean(r["grad_norm_ratio"]) for r in rows if r["grad_norm_ratio"]]
         entry["mean_grad_norm_ratio"] = statistics.mean(ratios) if ratios else None
         table.append(entry)
-    print(f"\n{'method':<18}{'nDCG@10':>16}{'Recall@100':>16}{'GradNormRatio':>15}")
-    print(f"{'pretrained':<18}{before['ndcg@10']:>16.4f}{before['recall@100']:>16.4f}")
-    for e in table:
-        gnr = f"{e['mean_grad_norm_ratio']:.3f}" if e["mean_grad_norm_ratio"] else "-"
-        print(f"{e['method']:<18}{e['ndcg@10']:>9.4f} ± {e['ndcg@10_sd']:.4f}"
-              f"{e['recall@100']:>9.4f} ± {e['recall@100_sd']:.4f}{gnr:>15}")
-    suffix = "_quick" if args.quick else ""
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    with open(output + suffix + ".json", "w") as f:
-        json.dump({"task": args.task, "n_total": n_total, "bank": bank, "steps": steps, "seeds": args.seeds, "lr": args.lr,
-                   "eval_queries": len(evaluator.queries), "corpus": len(corpus), "pretrained": before,
-                   "table": table, "runs": results}, f, indent=1)
-    sweep_sizes = sorted([0] + sweep + [bank])
-    sweep_methods = ["gradaccum" if b == 0 else f"contaccum-{b}" for b in sweep_sizes]
-    plot(results, sweep_methods, sweep_sizes, f"contaccum-{bank}", output + suffix + ".png")
+    with open(path, "w") as f:
+        json.dump({**config, "pretrained": before, "table": table, "runs": results}, f, indent=1)
+    return table
 
 
 if __name__ == "__main__":
