@@ -97,7 +97,14 @@ def plot(results, sweep_methods, bank_sizes, main_method, path):
             xs.append(bank)
             means.append(statistics.mean(vals))
             sds.append(statistics.stdev(vals) if len(vals) > 1 else 0)
-    axes[0].errorbar(xs, means, yerr=sds, marker="o", capsize=3)
+    axes[0].errorbar(xs, means, yerr=sds, marker="o", capsize=3, label="ContAccum (N_local 8 x K)")
+    # the exact large-batch methods at the same N_total, as the bar the bank has to clear
+    for method, style in (("gradcache", ":"), ("full-batch", "--")):
+        vals = [r["ndcg@10"] for r in results if r["method"] == method]
+        if vals and xs:
+            axes[0].hlines(statistics.mean(vals), min(xs), max(xs), linestyles=style, colors="gray",
+                           label=f"{method} (mean)")
+    axes[0].legend()
     axes[0].set_xscale("symlog", base=2)
     axes[0].set_xlabel("N_mem (0 = gradient accumulation)")
     axes[0].set_ylabel("nDCG@10")
