@@ -10,9 +10,10 @@ Model: the offline all-MiniLM-L6-v2. Tasks (--task):
   debian   Debian package search (query = a package's synopsis, relevant = its description),
            built from the machine's apt lists: see benchmarks/debian_packages.py.
 
-    python benchmarks/quality.py --quick                 # N_total 32, 3 seeds; ~10-15 min on 2 CPU cores
-    python benchmarks/quality.py                         # N_total 128, 3 seeds (long on a CPU)
+    python benchmarks/quality.py --quick                 # N_total 32, 3 seeds; ~8 min on 2 CPU cores
+    python benchmarks/quality.py                         # N_total 128, 3 seeds (hours on a CPU)
     python benchmarks/quality.py --task debian --quick
+    python benchmarks/quality.py ... --resume            # go on after a stop, or add --sweep sizes
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def main():
     args = parser.parse_args()
     n_total = args.n_total or (32 if args.quick else 128)
     bank = args.bank or (128 if args.quick else 1024)
-    sweep = args.sweep if args.sweep is not None else ([32, 512] if args.quick else [128, 512, 4096])
+    sweep = args.sweep if args.sweep is not None else ([512] if args.quick else [128, 512, 4096])
     steps = args.steps or (12 if args.quick else 60)
     eval_queries = args.eval_queries or (300 if args.quick else 1500)
     corpus_size = args.corpus_size or (1000 if args.quick else 7500)
@@ -166,16 +167,7 @@ def main():
     path = output + suffix + ".json"
     config = {"task": args.task, "n_total": n_total, "bank": bank, "steps": steps, "seeds": args.seeds, "lr": args.lr,
               "eval_queries": len(evaluator.queries), "corpus": len(corpus)}
-    results, before = [], None
-    if args.resume and os.path.exists(path):
-        # an interrupted run (or one with fewer sweep points) goes on where it stopped; mixing settings would
-        # put incomparable numbers in one table
-        with open(path) as f:
-            saved = json.load(f)
-        differing = {k: (saved.get(k), v) for k, v in config.items() if k != "seeds" and saved.get(k) != v}
-        if differing:
-            raise SystemExit(f"--resume: {path} was made with other settings (saved, now): {differing}")
-        results, before = saved["runs"], saved["pretrained"]
+    results, before = load_runs(path, config) if args.resume and os.path.exists(path) else ([], None)
     if before is None:
         before = evaluator(BiEncoder.from_encoder(default_encoder_path(), normalize=True))
     print("pretrained:", json.dumps(before), flush=True)
@@ -203,6 +195,20 @@ def main():
     sweep_sizes = sorted([0] + sweep + [bank])
     sweep_methods = ["gradaccum" if b == 0 else f"contaccum-{b}" for b in sweep_sizes]
     plot(results, sweep_methods, sweep_sizes, f"contaccum-{bank}", output + suffix + ".png")
+
+
+def load_runs(path, config):
+    """The runs and pretrained metrics of an earlier run with the same settings (seeds may differ).
+
+    An interrupted run (or one with fewer sweep points) goes on where it stopped; mixing settings would put
+    incomparable numbers in one table, so that is refused."""
+    with open(path) as f:
+        saved = json.load(f)
+    differing = {k: (saved.get(k), v) for k, v in config.items() if k != "seeds" and saved.get(k) != v}
+    if differing:
+        raise SystemExit(f"--resume: {path} was made with other settings (saved, now): {differing}; "
+                         "use the same settings or another --output")
+    return saved["runs"], saved["pretrained"]
 
 
 def save(path, config, before, results):

@@ -62,8 +62,9 @@ class ColumnMap:
             ("negative", v) for v in negs
         ]:
             if not isinstance(value, str):
-                raise ValueError(f"batch row {index}: column {name!r} holds {type(value).__name__} {value!r}, expected a "
-                                 "string; convert or filter these rows (dataset.filter / dataset.map) before training")
+                raise ValueError(  # noqa: TRY004 -- one error type for every bad-row problem
+                    f"batch row {index}: column {name!r} holds {type(value).__name__} {value!r}, expected a "
+                    "string; convert or filter these rows (dataset.filter / dataset.map) before training")
             if not value.strip():
                 raise ValueError(f"batch row {index}: column {name!r} is empty; remove empty texts before training "
                                  "(e.g. dataset.filter(lambda r: r['%s'].strip()))" % name)

@@ -83,8 +83,8 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
               f"{statistics.mean(negatives):.1f} |" if negatives else "| negatives per query | n/a |",
               f"| temperature | {args.temperature} |",
               f"| similarity | {args.similarity} |",
-              f"| towers | {'shared' if model.config.shared else 'separate'}, {model.config.pooling} pooling"
-              f"{', L2-normalised' if model.config.normalize else ''} |",
+              (f"| towers | {'shared' if model.config.shared else 'separate'}, {model.config.pooling} pooling"
+               f"{', L2-normalised' if model.config.normalize else ''} |"),
               f"| GradCache chunk | {args.gradcache_chunk_size or 'off'} |",
               f"| banked hard negatives | {args.bank_hard_negatives} |",
               f"| learning rate / max grad norm | {args.learning_rate} / {args.max_grad_norm} |",
@@ -92,9 +92,9 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
     if world > 1:
         lines += [f"The bank was one global pool shared by {world} processes.", ""]
     if ratios:
-        lines += ["GradNormRatio (passage-side over query-side gradient norm at the embeddings; near 1 means "
-                  f"balanced towers): mean {statistics.mean(ratios):.3f}, min {min(ratios):.3f}, "
-                  f"max {max(ratios):.3f}, last {ratios[-1]:.3f} over {len(ratios)} logged steps.", ""]
+        lines += [("GradNormRatio (passage-side over query-side gradient norm at the embeddings; near 1 means "
+                   f"balanced towers): mean {statistics.mean(ratios):.3f}, min {min(ratios):.3f}, "
+                   f"max {max(ratios):.3f}, last {ratios[-1]:.3f} over {len(ratios)} logged steps."), ""]
     if latest_eval:
         lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {key[5:]} | {value:.4f} |" for key, value in sorted(latest_eval.items())
@@ -106,11 +106,11 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
               'q = model.encode_queries(["what is a dense retriever?"])',
               'p = model.encode_passages(["A dense retriever encodes queries and passages as vectors."])',
               "scores = q @ p.T", "```", "",
-              "Each tower is also an ordinary transformers encoder in `query_encoder/` (and `passage_encoder/` "
-              "for separate towers): `AutoModel.from_pretrained(repo, subfolder=\"query_encoder\")`."]
+              ("Each tower is also an ordinary transformers encoder in `query_encoder/` (and `passage_encoder/` "
+               "for separate towers): `AutoModel.from_pretrained(repo, subfolder=\"query_encoder\")`.")]
     if model.config.shared:
-        lines += ["With a shared tower the folder is also a sentence-transformers model: "
-                  "`SentenceTransformer(repo)`."]
+        lines += [("With a shared tower the folder is also a sentence-transformers model: "
+                   "`SentenceTransformer(repo)`.")]
     lines += ["", "## Framework versions", ""]
     lines += [f"- {k}: {v}" for k, v in _versions().items()]
     lines += ["", "## Citation", "", "```bibtex", CONTACCUM_BIBTEX, "", GRADCACHE_BIBTEX, "```", ""]

@@ -59,7 +59,7 @@ def main(argv=None):
     after = trainer.evaluate()
     trainer.save_model(args.output_dir)
     keys = ["eval_ndcg@10", "eval_mrr@10", "eval_recall@10", "eval_recall@100", "eval_accuracy@1"]
-    print("\nWordNet reverse dictionary, %d test queries, %d documents" % (len(evaluator.queries), len(corpus)))
+    print(f"\nWordNet reverse dictionary, {len(evaluator.queries)} test queries, {len(corpus)} documents")
     print(f"{'metric':<20}{'before':>10}{'after':>10}")
     for k in keys:
         print(f"{k[5:]:<20}{before[k]:>10.4f}{after[k]:>10.4f}")

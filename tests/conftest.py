@@ -73,10 +73,11 @@ def toy_dataset():
 def trainer_args(tmp_path, **overrides):
     from hf_contaccum import ContAccumTrainingArguments
 
-    defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                    max_steps=3, learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-                    train_sampling_strategy="sequential", optim="adamw_torch", report_to="none", save_strategy="no",
-                    logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True, query_max_length=16,
-                    passage_max_length=24)
+    defaults = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 2, "max_steps": 3, "learning_rate": 1e-3,
+                "lr_scheduler_type": "constant", "weight_decay": 0.0, "max_grad_norm": 0.0,
+                "train_sampling_strategy": "sequential", "optim": "adamw_torch", "report_to": "none",
+                "save_strategy": "no", "logging_steps": 1, "use_cpu": True, "seed": 0, "disable_tqdm": True,
+                "query_max_length": 16, "passage_max_length": 24}
     defaults.update(overrides)
     return ContAccumTrainingArguments(**defaults)

@@ -1,5 +1,6 @@
 """Model card, push_to_hub with a mocked HfApi (no network), and the three loading routes."""
 import os
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -27,7 +28,7 @@ def mocked_hub(tmp_path):
             for pattern in ignore)]
         readme = os.path.join(folder_path, "README.md")
         uploads.append({"repo_id": repo_id, "path_in_repo": path_in_repo, "files": files,
-                        "readme": open(readme).read() if os.path.exists(readme) else None})
+                        "readme": Path(readme).read_text() if os.path.exists(readme) else None})
 
         class Done:
             def done(self):

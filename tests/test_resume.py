@@ -15,7 +15,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "resume_worker.py")
 def _run(out, kill_at=-1, resume=""):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     return subprocess.run([sys.executable, WORKER, str(out), str(kill_at), resume], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
 
 
 def test_sigkill_mid_training_then_resume_continues_exactly(tmp_path):

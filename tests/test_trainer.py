@@ -181,8 +181,8 @@ def test_reset_bank_each_step(tmp_path, tokenizer, toy_dataset):
 def test_resume_continues_exactly(tmp_path, tokenizer, toy_dataset):
     """Stopped at step 2 and resumed == uninterrupted: losses, parameters and bank."""
     ds = toy_dataset(40, num_negatives=1)
-    common = dict(memory_bank_size=12, bank_hard_negatives=True, gradient_accumulation_steps=2, max_steps=4,
-                  save_strategy="steps", save_steps=2, train_sampling_strategy="random")
+    common = {"memory_bank_size": 12, "bank_hard_negatives": True, "gradient_accumulation_steps": 2, "max_steps": 4,
+              "save_strategy": "steps", "save_steps": 2, "train_sampling_strategy": "random"}
     full = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "a", **common), train_dataset=ds,
                             processing_class=tokenizer)
     full.train()

@@ -1,0 +1,47 @@
+"""The quality benchmark's bookkeeping: the summary it writes and the --resume settings check."""
+import json
+import os
+import statistics
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import quality
+
+CONFIG = {"task": "wordnet", "n_total": 32, "bank": 128, "steps": 12, "seeds": 2, "lr": 1e-4,
+          "eval_queries": 300, "corpus": 1000}
+RUNS = [
+    {"method": "gradaccum", "seed": 0, "ndcg@10": 0.50, "recall@100": 0.80, "grad_norm_ratio": [1.0, 1.2]},
+    {"method": "contaccum-128", "seed": 0, "ndcg@10": 0.52, "recall@100": 0.81, "grad_norm_ratio": [1.1, 1.3]},
+    {"method": "gradaccum", "seed": 1, "ndcg@10": 0.54, "recall@100": 0.82, "grad_norm_ratio": [1.4, 1.4]},
+]
+BEFORE = {"ndcg@10": 0.49, "recall@100": 0.79}
+
+
+def test_summary_is_mean_and_sd_over_seeds_in_first_seen_order(tmp_path):
+    path = tmp_path / "q.json"
+    table = quality.save(path, CONFIG, BEFORE, RUNS)
+    assert [e["method"] for e in table] == ["gradaccum", "contaccum-128"]
+    grad = table[0]
+    assert grad["runs"] == 2
+    assert grad["ndcg@10"] == pytest.approx(0.52)
+    assert grad["ndcg@10_sd"] == pytest.approx(statistics.stdev([0.50, 0.54]))
+    assert grad["mean_grad_norm_ratio"] == pytest.approx((1.1 + 1.4) / 2)
+    assert table[1]["ndcg@10_sd"] == 0.0  # one seed: no spread, not an error
+    saved = json.loads(path.read_text())
+    assert saved["runs"] == RUNS and saved["pretrained"] == BEFORE and saved["n_total"] == 32
+
+
+def test_resume_keeps_runs_when_only_the_seed_count_differs(tmp_path):
+    path = tmp_path / "q.json"
+    quality.save(path, CONFIG, BEFORE, RUNS)
+    runs, before = quality.load_runs(path, {**CONFIG, "seeds": 3})
+    assert runs == RUNS and before == BEFORE
+
+
+def test_resume_refuses_other_settings_and_names_them(tmp_path):
+    path = tmp_path / "q.json"
+    quality.save(path, CONFIG, BEFORE, RUNS)
+    with pytest.raises(SystemExit, match="steps.*12, 20"):
+        quality.load_runs(path, {**CONFIG, "steps": 20})
