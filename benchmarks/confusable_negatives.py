@@ -9,6 +9,7 @@ negatives are less confusable than WordNet's).
     python benchmarks/confusable_negatives.py          # ~5 min on 2 CPU cores; Debian needs the apt lists
 """
 import json
+import os
 import random
 import sys
 
@@ -18,7 +19,11 @@ from hf_contaccum import BiEncoder
 from hf_contaccum.quickstart import default_encoder_path
 from hf_contaccum.sample_data import load_wordnet_sample
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from debian_packages import load_debian_packages
+
 SAMPLE = 4000
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "confusable_negatives.json")
 
 
 def confusability(model, train, seed=0):
@@ -38,14 +43,11 @@ def confusability(model, train, seed=0):
 
 
 def main():
-    sys.path.insert(0, "benchmarks")
-    from debian_packages import load_debian_packages
-
     model = BiEncoder.from_encoder(default_encoder_path(), normalize=True).eval()
     results = {"wordnet": confusability(model, load_wordnet_sample()[0]),
                "debian": confusability(model, load_debian_packages()[0])}
     print(json.dumps(results, indent=1))
-    with open("benchmarks/results/confusable_negatives.json", "w") as f:
+    with open(RESULTS, "w") as f:
         json.dump(results, f, indent=1)
 
 

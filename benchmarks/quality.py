@@ -84,26 +84,23 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
             "grad_norm_ratio": ratios}
 
 
-def plot(results, sweep_methods, bank_sizes, main_method, path):
+def plot(table, results, sweep_methods, bank_sizes, main_method, path):
+    """Fig. 3 from the per-method summary that save() wrote; fig. 5 from the runs' GradNormRatio curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    summary = {e["method"]: e for e in table}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    xs, means, sds = [], [], []
-    for bank, method in zip(bank_sizes, sweep_methods):
-        vals = [r["ndcg@10"] for r in results if r["method"] == method]
-        if vals:
-            xs.append(bank)
-            means.append(statistics.mean(vals))
-            sds.append(statistics.stdev(vals) if len(vals) > 1 else 0)
-    axes[0].errorbar(xs, means, yerr=sds, marker="o", capsize=3, label="ContAccum (N_local 8 x K)")
+    swept = [(bank, summary[m]) for bank, m in zip(bank_sizes, sweep_methods) if m in summary]
+    xs = [bank for bank, _ in swept]
+    axes[0].errorbar(xs, [e["ndcg@10"] for _, e in swept], yerr=[e["ndcg@10_sd"] for _, e in swept], marker="o",
+                     capsize=3, label="ContAccum (N_local 8 x K)")
     # the exact large-batch methods at the same N_total, as the bar the bank has to clear
     for method, style in (("gradcache", ":"), ("full-batch", "--")):
-        vals = [r["ndcg@10"] for r in results if r["method"] == method]
-        if vals and xs:
-            axes[0].hlines(statistics.mean(vals), min(xs), max(xs), linestyles=style, colors="gray",
+        if method in summary and xs:
+            axes[0].hlines(summary[method]["ndcg@10"], min(xs), max(xs), linestyles=style, colors="gray",
                            label=f"{method} (mean)")
     axes[0].legend()
     axes[0].set_xscale("symlog", base=2)
@@ -194,7 +191,7 @@ def main():
     sweep = sorted(bank_sizes - {bank})
     sweep_sizes = sorted([0] + sweep + [bank])
     sweep_methods = ["gradaccum" if b == 0 else f"contaccum-{b}" for b in sweep_sizes]
-    plot(results, sweep_methods, sweep_sizes, f"contaccum-{bank}", output + suffix + ".png")
+    plot(table, results, sweep_methods, sweep_sizes, f"contaccum-{bank}", output + suffix + ".png")
 
 
 def load_runs(path, config):
