@@ -1,9 +1,9 @@
 """Subclassing ContAccumTrainer in your own script: train embeddings that are used
 truncated to their first `dim` dimensions (cheaper index, Matryoshka-style use).
 
-The only hook needed is `encode_batch`, which returns (queries, positives, hard
-negatives, model outputs); the loss, the bank (now `dim` wide), accumulation,
-distributed gathering and GradCache all work on what it returns.
+The only hook needed is `embed`, which maps {side: tokenised texts} to {side: embeddings}
+("query", "passage") in one forward call; the loss, the bank (now `dim` wide),
+accumulation, distributed gathering and GradCache chunks all work on what it returns.
 
     python examples/subclass_truncated_embeddings.py --dim 128 --max_steps 20
 """
@@ -19,10 +19,8 @@ class TruncatedEmbeddingTrainer(ContAccumTrainer):
         super().__init__(*args, **kwargs)
         self.dim = dim
 
-    def encode_batch(self, model, inputs):
-        q, p, hn, out = super().encode_batch(model, inputs)
-        cut = lambda x: None if x is None else x[..., : self.dim]
-        return cut(q), cut(p), cut(hn), out
+    def embed(self, model, features):
+        return {side: vectors[:, : self.dim] for side, vectors in super().embed(model, features).items()}
 
 
 def main(argv=None):

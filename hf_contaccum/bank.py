@@ -1,8 +1,13 @@
-"""The dual memory bank: a pre-allocated FIFO ring buffer sized in samples.
+"""The dual memory bank and the log-sum-exp cache that lives on it.
 
-Entry j holds a past query vector, the positive passage vector aligned with it, and
-optionally that query's hard-negative vectors, plus an int64 key per passage (used to
-mask false negatives). Everything is stored detached: the bank never holds a graph.
+`MemoryBank` is a pre-allocated FIFO ring buffer sized in samples: entry j holds a past
+query vector, the positive passage vector aligned with it, and optionally that query's
+hard-negative vectors, plus an int64 key per passage (used to mask false negatives).
+Everything is stored detached: the bank never holds a graph.
+
+`BankLogsumexp` keeps, for every banked query row, the log-sum-exp of its logits over
+all banked columns (design.md §6): the only thing a banked row needs of the constant
+bank x bank block, updated incrementally after each enqueue.
 """
 from __future__ import annotations
 
@@ -90,6 +95,14 @@ class MemoryBank:
     def reset(self) -> None:
         self.ptr = self.fill = 0
 
+    def to(self, device) -> MemoryBank:
+        """Move the storage (e.g. a bank restored on the CPU, to the encoder's device)."""
+        for name in ("queries", "passages", "hard_negatives", "passage_keys", "hard_negative_keys"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
     # -- checkpointing -------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"capacity": self.capacity, "keep_hard_negatives": self.keep_hard_negatives,
@@ -112,3 +125,109 @@ class MemoryBank:
         for name in ("queries", "passages", "hard_negatives", "passage_keys", "hard_negative_keys"):
             value = state[name]
             setattr(self, name, None if value is None else value.to(device or "cpu"))
+
+
+NEG_INF = float("-inf")
+
+
+def bank_columns(bank: MemoryBank, first: int = 0, last: int | None = None):
+    """Banked column vectors (S, 1+H, d) and keys (S, 1+H) of slots [first, last) (default: the valid ones).
+
+    Without banked hard negatives these are views; with them only the requested slots are copied."""
+    slots = slice(first, bank.fill if last is None else last)
+    vecs, keys = bank.passages[slots, None], bank.passage_keys[slots, None]
+    if bank.num_hard_negatives:
+        vecs = torch.cat([vecs, bank.hard_negatives[slots]], 1)
+        keys = torch.cat([keys, bank.hard_negative_keys[slots]], 1)
+    return vecs, keys
+
+
+class BankLogsumexp:
+    """For every banked row, the log-sum-exp of its logits over all banked columns.
+
+    Kept as a two-level tree so that one enqueue touches little: per row, one value per
+    chunk of `chunk_size` slots, and one per group of ~sqrt(#chunks) chunks. An enqueue
+    recomputes the written rows against every slot, and every valid row against the
+    touched chunks; a row's total is a log-sum-exp over its groups.
+    """
+
+    ROW_BLOCK = 512  # rows per matmul when rebuilding, to bound temporary memory
+
+    def __init__(self, chunk_size: int = 16):
+        self.chunk_size = chunk_size
+        self.chunk_lse: torch.Tensor | None = None  # (capacity, num_chunks), fp32
+        self.group_lse: torch.Tensor | None = None  # (capacity, num_groups), fp32
+        self.stale = True
+
+    def _slot_lse(self, bank, rows, first, last, temperature, mask_false_negatives):
+        """(R, last-first): per row, log-sum-exp over the 1+H columns of each slot in [first, last)."""
+        vecs, keys = bank_columns(bank, first, last)
+        num_slots, width = keys.shape
+        queries = bank.queries[rows]
+        logits = (queries @ vecs.flatten(0, 1).T).view(-1, num_slots, width) / temperature
+        slots = torch.arange(first, last, device=keys.device)
+        drop = (slots >= bank.fill)[None, :, None]
+        if mask_false_negatives:  # a column with the row's positive key, other than that positive itself
+            row_slots = torch.arange(rows.start, rows.stop, device=keys.device) if isinstance(rows, slice) else rows
+            own = (row_slots[:, None] == slots[None])[..., None] & (torch.arange(width, device=keys.device) == 0)
+            drop = drop | ((keys[None] == bank.passage_keys[rows][:, None, None]) & ~own)
+        return logits.masked_fill(drop, NEG_INF).logsumexp(-1)
+
+    @staticmethod
+    def _grouped_lse(values, group):
+        """Log-sum-exp over consecutive groups of `group` columns (last group padded)."""
+        rows, cols = values.shape
+        pad = -cols % group
+        if pad:
+            values = torch.cat([values, values.new_full((rows, pad), NEG_INF)], 1)
+        return values.view(rows, -1, group).logsumexp(-1)
+
+    def _refresh_rows(self, bank, rows, temperature, mask):
+        self.chunk_lse[rows] = self._grouped_lse(self._slot_lse(bank, rows, 0, bank.capacity, temperature, mask),
+                                                 self.chunk_size)
+        self.group_lse[rows] = self._grouped_lse(self.chunk_lse[rows], self.group_size)
+
+    @torch.no_grad()
+    def update(self, bank: MemoryBank, written: torch.Tensor, temperature: float, mask: bool) -> None:
+        device = bank.queries.device
+        if self.stale:  # first use, reset or resume: rebuild from the bank itself
+            num_chunks = -(-bank.capacity // self.chunk_size)
+            self.group_size = max(1, int(num_chunks ** 0.5))
+            self.chunk_lse = torch.full((bank.capacity, num_chunks), NEG_INF, device=device)
+            self.group_lse = torch.full((bank.capacity, -(-num_chunks // self.group_size)), NEG_INF, device=device)
+            for start in range(0, bank.fill, self.ROW_BLOCK):
+                self._refresh_rows(bank, slice(start, min(start + self.ROW_BLOCK, bank.fill)), temperature, mask)
+            self.stale = False
+            return
+        if len(written) == 0:
+            return
+        written = written.to(device)
+        self._refresh_rows(bank, written, temperature, mask)
+        valid = slice(0, bank.fill)
+        c, g = self.chunk_size, self.group_size
+        for chunk in torch.unique(written // c).tolist():
+            first, last = chunk * c, min(chunk * c + c, bank.capacity)
+            self.chunk_lse[valid, chunk] = self._slot_lse(bank, valid, first, last, temperature, mask).logsumexp(-1)
+        for group in torch.unique(written // (c * g)).tolist():
+            self.group_lse[valid, group] = self.chunk_lse[valid, group * g:(group + 1) * g].logsumexp(-1)
+
+    def row_lse(self, rows) -> torch.Tensor:
+        return self.group_lse[rows].logsumexp(-1)
+
+    def to(self, device) -> BankLogsumexp:
+        if self.chunk_lse is not None:
+            self.chunk_lse, self.group_lse = self.chunk_lse.to(device), self.group_lse.to(device)
+        return self
+
+    # The cache is derived from the bank, but a rebuild sums in another order than the incremental
+    # updates did: checkpointing it makes a resumed run bitwise equal to an uninterrupted one.
+    def state_dict(self) -> dict | None:
+        if self.stale:
+            return None
+        return {"chunk_size": self.chunk_size, "group_size": self.group_size,
+                "chunk_lse": self.chunk_lse.cpu(), "group_lse": self.group_lse.cpu()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.stale = state is None or state["chunk_size"] != self.chunk_size
+        if not self.stale:
+            self.group_size, self.chunk_lse, self.group_lse = state["group_size"], state["chunk_lse"], state["group_lse"]

@@ -76,13 +76,25 @@ class ColumnMap:
         return row[self.query], row[self.positive], negs, pos_key, neg_keys
 
 
-class ContrastiveCollator:
-    """Tokenises (query, positive, hard negatives) rows on the fly.
+TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
 
-    Batch layout: query_* (n rows); passage_* (n positives, then the n*H hard negatives
-    row-major, so negative h of query i is row n + i*H + h); passage_keys (n);
-    hard_negative_keys (n, H).
-    """
+
+# The batch layout, written down once: query_{TOKEN_FIELDS} (n rows); passage_{TOKEN_FIELDS}
+# (n positives, then the n*H hard negatives row-major, so negative h of query i is row
+# n + i*H + h); passage_keys (n,); hard_negative_keys (n, H).
+def side_features(batch: dict, side: str) -> dict:
+    """The tokenised texts of one side ("query" or "passage"), without the prefix."""
+    return {k: batch[f"{side}_{k}"] for k in TOKEN_FIELDS if f"{side}_{k}" in batch}
+
+
+def split_passages(passages, hard_negative_keys):
+    """Passage embeddings in batch layout -> positives (n, d) and hard negatives (n, H, d) or None."""
+    n, h = hard_negative_keys.shape
+    return passages[:n], (passages[n:].view(n, h, -1) if h else None)
+
+
+class ContrastiveCollator:
+    """Tokenises (query, positive, hard negatives) rows on the fly, into the batch layout above."""
 
     def __init__(self, tokenizer, query_max_length: int = 64, passage_max_length: int = 256,
                  max_hard_negatives: int | None = None):

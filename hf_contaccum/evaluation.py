@@ -69,7 +69,7 @@ class RetrievalEvaluator:
     """
 
     def __init__(self, queries: dict, corpus: dict, qrels: dict, k_values=(1, 10, 100), batch_size=128,
-                 query_max_length=64, passage_max_length=256, similarity="dot", name="", show_progress=True):
+                 query_max_length=64, passage_max_length=256, similarity=None, name="", show_progress=True):
         if not corpus:
             raise ValueError("empty corpus: give the evaluator at least one document")
         missing = sorted({d for judged in qrels.values() for d in judged} - set(corpus))
@@ -95,7 +95,9 @@ class RetrievalEvaluator:
     def search(self, model, tokenizer=None):
         q = model.encode_queries(self.queries, self.batch_size, self.query_max_length, tokenizer, self.show_progress)
         p = model.encode_passages(self.corpus, self.batch_size, self.passage_max_length, tokenizer, self.show_progress)
-        if self.similarity == "cos":
+        # default: the similarity the model was trained with (BiEncoder.config.similarity)
+        similarity = self.similarity or getattr(getattr(model, "config", None), "similarity", "dot")
+        if similarity == "cos":
             q, p = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(p, dim=-1)
         scores, idx = _faiss_search(q.numpy().astype(np.float32), p.numpy().astype(np.float32), max(self.k_values))
         return {qid: {self.doc_ids[j]: float(s) for s, j in zip(srow, irow) if j >= 0}

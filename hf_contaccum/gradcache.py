@@ -1,88 +1,136 @@
-"""GradCache (Gao et al. 2021, arXiv 2101.06983) inside ContAccumTrainer.
+"""GradCache (Gao et al. 2021, arXiv 2101.06983) as a wrapper around any loss on embeddings.
 
-One micro-batch in three passes: (1) encode it chunk by chunk without a graph, keeping
-each chunk's RNG state; (2) compute the contrastive loss (with the bank, across
-processes) on the detached vectors and back-propagate to the vectors only; (3) replay
-each chunk with its RNG state, so dropout draws the same masks, and back-propagate the
-cached vector gradients into the encoder. Activation memory is one chunk's; the price is
-the second forward.
+One batch in three passes, as sentence-transformers' CachedMultipleNegativesRankingLoss
+does it: (1) embed the batch chunk by chunk without a graph, keeping each chunk's RNG
+state; (2) compute the loss (ContAccumLoss: bank, gather and enqueue included) on the
+detached embeddings and back-propagate to the embeddings only; (3) return the loss with
+a backward hook that, when the caller back-propagates it, replays each chunk with its
+RNG state (same dropout masks) and pushes the cached embedding gradients, scaled by the
+incoming gradient (accumulation division, fp16 loss scale), into the encoder. The
+caller's training step is untouched. Activation memory is one chunk's; the price is the
+second forward. Under DDP only the last replayed chunk synchronises gradients.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+
+AUTOCAST_DEVICES = ("cuda", "cpu")
 
 
-class _RngState:
-    """The CPU and CUDA RNG states at one point, to replay a forward with the same dropout."""
+class _ForwardContext:
+    """The RNG and autocast state at one point, to replay a forward exactly (same dropout, same dtype)."""
 
     def __init__(self):
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in AUTOCAST_DEVICES}
 
     @contextlib.contextmanager
     def restored(self):
         devices = list(range(len(self.cuda))) if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
             torch.set_rng_state(self.cpu)
             if self.cuda is not None:
                 torch.cuda.set_rng_state_all(self.cuda)
+            for device, (enabled, dtype) in self.autocast.items():
+                if enabled:
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
             yield
 
 
-def _chunk_inputs(inputs: dict, start: int, stop: int) -> dict:
-    """Rows [start, stop) of the queries with their positives and hard negatives.
-
-    The collator padded the whole local batch to its longest text; a chunk drops the token
-    columns that are padding in all of its rows, so a chunk costs what a micro-batch of the
-    same size would (masked positions never change the unmasked outputs)."""
-    n, h = inputs["hard_negative_keys"].shape
-    passage_rows = list(range(start, stop)) + [n + i * h + j for i in range(start, stop) for j in range(h)]
-    index = torch.tensor(passage_rows, device=inputs["passage_input_ids"].device)
-    rows = {"query": lambda t: t[start:stop], "passage": lambda t: t.index_select(0, index)}
+def slice_features(features: dict, begin: int, end: int) -> dict:
+    """Rows [begin, end) of tokenised features, without the trailing token columns that are padding
+    in every one of those rows (a chunk then costs what a batch of its own texts would)."""
+    mask = features.get("attention_mask")
+    width = keep = None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        width = mask.shape[1]
+        used = mask[begin:end].bool().any(0).nonzero()
+        keep = int(used.max()) + 1 if len(used) else width
     out = {}
-    for side, take in rows.items():
-        mask = take(inputs[f"{side}_attention_mask"])
-        used = mask.any(0)  # token columns some row of this chunk uses
-        for key in (f"{side}_input_ids", f"{side}_attention_mask", f"{side}_token_type_ids"):
-            if key in inputs:
-                out[key] = take(inputs[key])[:, used]
-    out["passage_keys"] = inputs["passage_keys"][start:stop]
-    out["hard_negative_keys"] = inputs["hard_negative_keys"][start:stop]
+    for key, value in features.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            out[key] = value
+        elif value.dim() >= 2 and value.shape[1] == width:
+            out[key] = value[begin:end, :keep]
+        else:
+            out[key] = value[begin:end]
     return out
 
 
-def gradcache_training_step(trainer, model, inputs) -> torch.Tensor:
-    model.train()
-    inputs = trainer._prepare_inputs(inputs)
-    n = inputs["query_input_ids"].shape[0]
-    size = trainer.args.gradcache_chunk_size
-    bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
-    chunks = [_chunk_inputs(inputs, a, b) for a, b in bounds]
+def chunk_schedule(num_rows: list[int], chunk_size: int, paired: bool) -> list[dict]:
+    """The forward calls of one batch: each a {column: (begin, end)} of at most `chunk_size` rows per column.
 
-    # (1) encode without a graph, remembering each chunk's RNG state
-    states, reps = [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            states.append(_RngState())
-            with trainer.compute_loss_context_manager():
-                reps.append(trainer.encode_batch(model, chunk)[:3])  # q, positives, hard negatives
-    leaves = [[None if t is None else t.detach().requires_grad_() for t in rep] for rep in reps]
-    cat = lambda i: None if leaves[0][i] is None else torch.cat([leaf[i] for leaf in leaves])
+    Unpaired: every column's chunks in turn, one column per call (sentence-transformers' order).
+    Paired: call j embeds chunk j of every column that has one, the columns' last chunks in the last
+    call, so that a model with separate towers uses every tower in the call that synchronises DDP."""
+    chunks = [[(b, min(b + chunk_size, n)) for b in range(0, n, chunk_size)] for n in num_rows]
+    if not paired:
+        return [{c: r} for c, column in enumerate(chunks) for r in column]
+    longest = max(len(column) for column in chunks)
+    return [{c: column[j - longest + len(column)] for c, column in enumerate(chunks)
+             if j - longest + len(column) >= 0} for j in range(longest)]
 
-    # (2) the loss on the cached vectors, back-propagated to the vectors only (fp32 inside the loss)
-    loss = trainer.loss_from_embeddings(cat(0), cat(1), cat(2), inputs, training=True)
-    loss = loss / trainer.current_gradient_accumulation_steps  # as Trainer.training_step does
-    loss.backward()
 
-    # (3) replay each chunk with its RNG state and push the cached gradients into the encoder;
-    # under DDP only the last chunk synchronises gradients
-    for i, (chunk, state, leaf) in enumerate(zip(chunks, states, leaves)):
-        last = i == len(chunks) - 1
-        sync = contextlib.nullcontext() if last else trainer.accelerator.no_sync(model)
-        with sync, state.restored(), trainer.compute_loss_context_manager():
-            rep = trainer.encode_batch(model, chunk)[:3]
-            surrogate = sum((r.float() * l.grad.float()).sum() for r, l in zip(rep, leaf) if r is not None)
-        trainer.accelerator.backward(surrogate)
-    return loss.detach()
+class GradCache:
+    """Wraps a loss on embeddings so that the encoder is run in chunks (see the module docstring).
+
+    columns is {column: tokenised features}; embed(model, {column: features}) -> {column: embeddings}
+    runs one forward call; loss_fn({column: embeddings}) -> scalar is the loss on the whole batch."""
+
+    def __init__(self, chunk_size: int, paired: bool = False):
+        if chunk_size < 1:
+            raise ValueError(f"the GradCache chunk size must be >= 1 text per chunk, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.paired = paired
+
+    def __call__(self, model, columns: dict, embed: Callable, loss_fn: Callable) -> torch.Tensor:
+        names = list(columns)
+        schedule = chunk_schedule([_num_rows(columns[c]) for c in names], self.chunk_size, self.paired)
+        calls = [{names[c]: slice_features(columns[names[c]], *rows) for c, rows in call.items()} for call in schedule]
+        if not torch.is_grad_enabled():  # evaluation: one pass, no cache
+            return loss_fn(_concat([embed(model, call) for call in calls], names))
+        # (1) embed without a graph, remembering how each call ran
+        contexts, leaves = [], []
+        with torch.no_grad():
+            for call in calls:
+                contexts.append(_ForwardContext())
+                leaves.append({c: e.detach().requires_grad_() for c, e in embed(model, call).items()})
+        # (2) the loss on the cached embeddings, back-propagated to the embeddings only
+        with torch.enable_grad():
+            loss = loss_fn(_concat(leaves, names))
+            loss.backward()
+        cache = [{c: leaf.grad for c, leaf in call.items()} for call in leaves]
+        # (3) the encoder's backward happens when the caller back-propagates the returned loss
+        result = loss.detach().requires_grad_()
+        result.register_hook(lambda grad_output: _replay(model, calls, contexts, cache, embed, grad_output))
+        return result
+
+
+def _num_rows(features: dict) -> int:
+    for key in ("input_ids", "attention_mask"):
+        if isinstance(features.get(key), torch.Tensor):
+            return features[key].shape[0]
+    return next(v.shape[0] for v in features.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _concat(calls: list[dict], names: list) -> dict:
+    return {c: torch.cat([call[c] for call in calls if c in call]) for c in names}
+
+
+def _replay(model, calls, contexts, cache, embed, grad_output) -> None:
+    with torch.enable_grad():
+        for i, (call, context, grads) in enumerate(zip(calls, contexts, cache)):
+            last = i == len(calls) - 1
+            no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else \
+                contextlib.nullcontext()
+            with no_sync, context.restored():
+                embeddings = embed(model, call)
+                surrogate = sum((embeddings[c].float() * grads[c].float()).sum() for c in call if grads[c] is not None)
+                if torch.is_tensor(surrogate) and surrogate.requires_grad:
+                    (surrogate * grad_output.float()).backward()

@@ -1,4 +1,4 @@
-"""The ContAccum loss (design.md §2) with an incrementally kept bank x bank block (§6).
+"""ContAccumLoss: one ContAccum micro-step, end to end, on embeddings (design.md §2, §3, §6).
 
 Rows are the current queries and the banked queries; columns are the current positives,
 the current hard negatives, the banked positives and (optionally) the banked hard
@@ -6,109 +6,28 @@ negatives. Every banked vector is a constant, so:
 
 * current rows need autograd through the current query and all current columns;
 * banked rows need autograd only through the current columns; what they need of the
-  banked columns is one constant per row: the log-sum-exp of their logits over them.
+  banked columns is one constant per row, kept by `BankLogsumexp` (bank.py).
 
-That constant is kept per (banked row, chunk of bank slots). When a micro-batch is
-enqueued only the written rows and the touched chunks are recomputed (about
-4 * N_local * N_mem * d flops instead of 2 * N_mem^2 * d), and a row's total is a
-log-sum-exp over its chunks: exact, and never a subtraction of exponentials.
+The module owns the whole micro-step: the optional gather across processes, the loss,
+and the enqueue of the micro-batch. The loss reads the bank in place (no copy), so the
+enqueue must wait until the backward has used it: it runs from a backward hook that
+fires once the gradients of every tensor that read the bank are computed. Without a
+backward (no grad, or eval mode) nothing is enqueued and the bank is not read.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .bank import MemoryBank
+from .bank import NEG_INF, BankLogsumexp, MemoryBank, bank_columns
+from .gather import check_equal_shapes, gather_with_grad, gather_without_grad, world
 
 SIMILARITIES = ("dot", "cos")
-NEG_INF = float("-inf")
-
-
-def bank_columns(bank: MemoryBank, first: int = 0, last: int | None = None):
-    """Banked column vectors (S, 1+H, d) and keys (S, 1+H) of slots [first, last) (default: the valid ones).
-
-    Without banked hard negatives these are views; with them only the requested slots are copied."""
-    slots = slice(first, bank.fill if last is None else last)
-    vecs, keys = bank.passages[slots, None], bank.passage_keys[slots, None]
-    if bank.num_hard_negatives:
-        vecs = torch.cat([vecs, bank.hard_negatives[slots]], 1)
-        keys = torch.cat([keys, bank.hard_negative_keys[slots]], 1)
-    return vecs, keys
-
-
-class BankLogsumexp:
-    """For every banked row, the log-sum-exp of its logits over all banked columns.
-
-    Kept as a two-level tree so that one enqueue touches little: per row, one value per
-    chunk of `chunk_size` slots, and one per group of ~sqrt(#chunks) chunks. An enqueue
-    recomputes the written rows against every slot, and every valid row against the
-    touched chunks; a row's total is a log-sum-exp over its groups.
-    """
-
-    ROW_BLOCK = 512  # rows per matmul when rebuilding, to bound temporary memory
-
-    def __init__(self, chunk_size: int = 16):
-        self.chunk_size = chunk_size
-        self.chunk_lse: torch.Tensor | None = None  # (capacity, num_chunks), fp32
-        self.group_lse: torch.Tensor | None = None  # (capacity, num_groups), fp32
-        self.stale = True
-
-    def _slot_lse(self, bank, rows, first, last, temperature, mask_false_negatives):
-        """(R, last-first): per row, log-sum-exp over the 1+H columns of each slot in [first, last)."""
-        vecs, keys = bank_columns(bank, first, last)
-        num_slots, width = keys.shape
-        queries = bank.queries[rows]
-        logits = (queries @ vecs.flatten(0, 1).T).view(-1, num_slots, width) / temperature
-        slots = torch.arange(first, last, device=keys.device)
-        drop = (slots >= bank.fill)[None, :, None]
-        if mask_false_negatives:  # a column with the row's positive key, other than that positive itself
-            row_slots = torch.arange(rows.start, rows.stop, device=keys.device) if isinstance(rows, slice) else rows
-            own = (row_slots[:, None] == slots[None])[..., None] & (torch.arange(width, device=keys.device) == 0)
-            drop = drop | ((keys[None] == bank.passage_keys[rows][:, None, None]) & ~own)
-        return logits.masked_fill(drop, NEG_INF).logsumexp(-1)
-
-    @staticmethod
-    def _grouped_lse(values, group):
-        """Log-sum-exp over consecutive groups of `group` columns (last group padded)."""
-        rows, cols = values.shape
-        pad = -cols % group
-        if pad:
-            values = torch.cat([values, values.new_full((rows, pad), NEG_INF)], 1)
-        return values.view(rows, -1, group).logsumexp(-1)
-
-    def _refresh_rows(self, bank, rows, temperature, mask):
-        self.chunk_lse[rows] = self._grouped_lse(self._slot_lse(bank, rows, 0, bank.capacity, temperature, mask),
-                                                 self.chunk_size)
-        self.group_lse[rows] = self._grouped_lse(self.chunk_lse[rows], self.group_size)
-
-    @torch.no_grad()
-    def update(self, bank: MemoryBank, written: torch.Tensor, temperature: float, mask: bool) -> None:
-        device = bank.queries.device
-        if self.stale:  # first use, reset or resume: rebuild from the bank itself
-            num_chunks = -(-bank.capacity // self.chunk_size)
-            self.group_size = max(1, int(num_chunks ** 0.5))
-            self.chunk_lse = torch.full((bank.capacity, num_chunks), NEG_INF, device=device)
-            self.group_lse = torch.full((bank.capacity, -(-num_chunks // self.group_size)), NEG_INF, device=device)
-            for start in range(0, bank.fill, self.ROW_BLOCK):
-                self._refresh_rows(bank, slice(start, min(start + self.ROW_BLOCK, bank.fill)), temperature, mask)
-            self.stale = False
-            return
-        if len(written) == 0:
-            return
-        written = written.to(device)
-        self._refresh_rows(bank, written, temperature, mask)
-        valid = slice(0, bank.fill)
-        c, g = self.chunk_size, self.group_size
-        for chunk in torch.unique(written // c).tolist():
-            first, last = chunk * c, min(chunk * c + c, bank.capacity)
-            self.chunk_lse[valid, chunk] = self._slot_lse(bank, valid, first, last, temperature, mask).logsumexp(-1)
-        for group in torch.unique(written // (c * g)).tolist():
-            self.group_lse[valid, group] = self.chunk_lse[valid, group * g:(group + 1) * g].logsumexp(-1)
-
-    def row_lse(self, rows) -> torch.Tensor:
-        return self.group_lse[rows].logsumexp(-1)
+BANK_FILE = "contaccum_bank_rank{rank}.pt"
 
 
 @dataclass
@@ -117,23 +36,40 @@ class LossStats:
     num_columns: int  # candidate passages per row (negatives per query = this - 1)
 
 
-class ContAccumLoss:
+class ContAccumLoss(nn.Module):
     """InfoNCE over [current ; banked] queries x [current ; banked] passages.
 
-    `query_bank_size` <= `passage_bank_size`: a banked query row needs its aligned banked
-    positive as a column. `query_bank_size=0` gives pre-batch negatives, both 0 plain
-    in-batch InfoNCE (and so, under accumulation, plain gradient accumulation).
+    Args:
+        memory_bank_size: N_mem, in samples, of both banks (0: plain in-batch InfoNCE,
+            i.e. gradient accumulation when used under accumulation).
+        temperature: logits are similarity / temperature (sentence-transformers' scale = 1 / temperature).
+        similarity: "dot" or "cos".
+        query_bank_size: ablation override of the query bank (default memory_bank_size; 0 gives
+            pre-batch negatives). Must be <= memory_bank_size: a banked query needs its banked positive.
+        bank_hard_negatives: also bank each query's hard negatives as further columns.
+        mask_false_negatives: a column whose key equals the row's positive key (other than that
+            positive itself) is never a negative.
+        gather_across_devices: with several processes, share every micro-batch (passages with
+            gradient), so the bank is one global pool, identical on every rank.
+        bank_chunk_size: bank slots per cached log-sum-exp block (advanced).
+
+    Call it in train mode under autograd on (queries (n, d), positives (n, d), positive keys (n,),
+    hard negatives (n, H, d), their keys (n, H)); it returns the mean loss over the
+    n (x processes) + N_mem rows. The micro-batch joins the bank when its backward has run.
+    Keys are int64 ids: equal keys mean the same passage. Without keys nothing is masked.
     """
 
-    def __init__(self, query_bank_size=0, passage_bank_size=0, temperature=1.0, similarity="dot",
-                 bank_hard_negatives=False, mask_false_negatives=True, chunk_size=16):
-        if query_bank_size < 0 or passage_bank_size < 0:
+    def __init__(self, memory_bank_size: int = 0, temperature: float = 1.0, similarity: str = "dot", *,
+                 query_bank_size: int | None = None, bank_hard_negatives: bool = False,
+                 mask_false_negatives: bool = True, gather_across_devices: bool = False, bank_chunk_size: int = 16):
+        super().__init__()
+        query_bank_size = memory_bank_size if query_bank_size is None else query_bank_size
+        if query_bank_size < 0 or memory_bank_size < 0:
             raise ValueError("memory bank sizes are numbers of samples and must be >= 0 (0 disables the bank)")
-        if query_bank_size > passage_bank_size:
+        if query_bank_size > memory_bank_size:
             raise ValueError(
-                f"query_memory_bank_size ({query_bank_size}) > passage_memory_bank_size ({passage_bank_size}): "
-                "a banked query needs its banked positive as a column; make the passage bank at least as large"
-            )
+                f"query bank ({query_bank_size}) > passage bank ({memory_bank_size}): a banked query needs its "
+                "banked positive as a column; make the passage bank at least as large")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         if not temperature > 0:
@@ -142,18 +78,64 @@ class ContAccumLoss:
         self.temperature = float(temperature)
         self.similarity = similarity
         self.mask_false_negatives = mask_false_negatives
-        self.bank = MemoryBank(passage_bank_size, bank_hard_negatives)
-        self.bank_lse = BankLogsumexp(chunk_size)
+        self.gather_across_devices = gather_across_devices
+        self.bank = MemoryBank(memory_bank_size, bank_hard_negatives)
+        self.bank_lse = BankLogsumexp(bank_chunk_size)
+        self.last_stats: LossStats | None = None
+        self._anonymous_keys_used = 0
+        self._sums: dict = {}
 
-    def _prepare(self, x):
-        x = x.float()  # logits and log-sum-exp in fp32, whatever the encoder's autocast dtype
-        return F.normalize(x, dim=-1) if self.similarity == "cos" else x
+    @property
+    def memory_bank_size(self) -> int:
+        return self.bank.capacity
 
-    def __call__(self, queries, passages, passage_keys, hard_negatives=None, hard_negative_keys=None,
-                 use_bank=True, rank=0, world_size=1):
-        """Mean InfoNCE over all rows; differentiable in the current vectors.
+    def extra_repr(self) -> str:
+        return (f"memory_bank_size={self.bank.capacity}, query_bank_size={self.query_bank_size}, "
+                f"temperature={self.temperature}, similarity={self.similarity!r}")
 
-        Single process: queries (n, d), passages (n, d), hard_negatives (n, H, d) or None.
+    # -- the micro-step ----------------------------------------------------------------
+    def forward(self, queries, positives, positive_keys=None, hard_negatives=None, hard_negative_keys=None):
+        training = self.training and torch.is_grad_enabled()
+        rank, size = world() if training and self.gather_across_devices else (0, 1)
+        n = queries.shape[0]
+        if hard_negatives is not None and hard_negatives.shape[1] == 0:
+            hard_negatives = hard_negative_keys = None
+        _check_inputs(queries, positives, positive_keys, hard_negatives, hard_negative_keys)
+        if positive_keys is None:
+            positive_keys = self._anonymous_keys((n,), queries.device, rank, size)
+        if hard_negatives is not None and hard_negative_keys is None:
+            hard_negative_keys = self._anonymous_keys(hard_negatives.shape[:2], queries.device, rank, size)
+        if hard_negative_keys is None:
+            hard_negative_keys = positive_keys.new_zeros(n, 0)
+        if training:
+            self._check_bank_fits(n * size, size)
+            self._move_bank_to(queries.device)
+            self._track_grad_norm_ratio(queries, positives, hard_negatives)
+        q_bank, p_all, pk_all, hn_all, hk_all = queries.detach(), positives, positive_keys, hard_negatives, \
+            hard_negative_keys
+        if size > 1:  # every rank enqueues the same gathered micro-batch in rank order: one global bank
+            check_equal_shapes(queries, positive_keys, hard_negative_keys)
+            q_bank, pk_all, hk_all = (gather_without_grad(t) for t in (queries, positive_keys, hard_negative_keys))
+            p_all = gather_with_grad(positives)
+            hn_all = gather_with_grad(hard_negatives) if hard_negatives is not None else None
+        loss, stats, bank_readers = self._infonce(queries, p_all, pk_all, hn_all, hk_all, training, rank, size)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"contrastive loss is {loss.item()}; stopped before applying it, so the last checkpoint is intact. "
+                "Usual fixes: lower learning_rate, use similarity='cos' or a larger temperature with dot product, "
+                "bf16 instead of fp16, and check the data for broken texts.")
+        self.last_stats = stats
+        if training:
+            self._sums["micro_batches"] = self._sums.get("micro_batches", 0) + 1
+            self._sums["negatives"] = self._sums.get("negatives", 0) + stats.num_columns - 1
+            entry = (q_bank, p_all.detach(), pk_all, None if hn_all is None else hn_all.detach(), hk_all)
+            self._enqueue_after_backward(bank_readers, entry)
+        return loss
+
+    def _infonce(self, queries, passages, passage_keys, hard_negatives, hard_negative_keys, use_bank, rank,
+                 world_size):
+        """Mean InfoNCE over all rows, and the tensors whose backward reads the bank.
+
         Distributed (world_size R): queries are this rank's n; passages, hard negatives and
         keys are gathered from all ranks in rank order (R*n rows), so query i's positive is
         passages[rank*n + i]. Each rank counts its own query rows and every R-th banked row;
@@ -161,9 +143,10 @@ class ContAccumLoss:
         one global mean over R*n + N_mem rows.
         """
         q, p = self._prepare(queries), self._prepare(passages)
+        q = q.view_as(q)  # never a leaf, so a backward hook can wait for its gradient (see _enqueue_after_backward)
         n = q.shape[0]
         cols, keys = [p], [passage_keys]
-        if hard_negatives is not None and hard_negatives.shape[1] > 0:
+        if hard_negatives is not None:
             cols.append(self._prepare(hard_negatives).flatten(0, 1))
             keys.append(hard_negative_keys.flatten())
         cur_cols, cur_keys = torch.cat(cols), torch.cat(keys)
@@ -205,36 +188,137 @@ class ContAccumLoss:
                 total = total + (lse - target).sum()
                 num_rows += num_bank_rows
         stats = LossStats(num_rows, logits.shape[1])
-        return total * world_size / num_rows, stats
+        # q @ banked columns saved the banked passages (for q's gradient); banked rows @ current columns
+        # saved the banked queries (for the columns' gradient): once both gradients exist, the bank is free.
+        return total * world_size / num_rows, stats, (q, cur_cols)
+
+    def _prepare(self, x):
+        x = x.float()  # logits and log-sum-exp in fp32, whatever the encoder's autocast dtype
+        return F.normalize(x, dim=-1) if self.similarity == "cos" else x
+
+    # -- the bank ----------------------------------------------------------------------
+    def _enqueue_after_backward(self, bank_readers, entry) -> None:
+        readers = [t for t in bank_readers if t.requires_grad]
+        if not readers:  # no graph reads the bank: enqueue now
+            self.enqueue(*entry)
+            return
+        torch.autograd.graph.register_multi_grad_hook(readers, lambda grads: self.enqueue(*entry))
 
     @torch.no_grad()
-    def enqueue(self, queries, passages, passage_keys, hard_negatives=None, hard_negative_keys=None):
+    def enqueue(self, queries, positives, positive_keys, hard_negatives=None, hard_negative_keys=None) -> None:
+        """Write vectors to the bank now (training enqueues by itself; this is for pre-filling)."""
         if self.bank.capacity == 0:
             return
-        hn = self._prepare(hard_negatives.detach()) if hard_negatives is not None else None
-        written = self.bank.enqueue(self._prepare(queries.detach()), self._prepare(passages.detach()), passage_keys,
-                                    hn, hard_negative_keys)
+        hn = self._prepare(hard_negatives) if hard_negatives is not None else None
+        written = self.bank.enqueue(self._prepare(queries), self._prepare(positives), positive_keys, hn,
+                                    hard_negative_keys)
         if self.query_bank_size > 0:
             self.bank_lse.update(self.bank, written, self.temperature, self.mask_false_negatives)
 
-    def reset(self):
+    def reset(self) -> None:
+        """Empty the bank (e.g. after every optimizer step, for an ablation)."""
         self.bank.reset()
         self.bank_lse.stale = True
 
-    def state_dict(self):
-        state = self.bank.state_dict()
-        # The log-sum-exp cache is derived from the bank, but a rebuild sums in another order than the
-        # incremental updates did: keeping it makes a resumed run bitwise equal to an uninterrupted one.
-        if not self.bank_lse.stale:
-            state["lse_cache"] = {"chunk_size": self.bank_lse.chunk_size, "group_size": self.bank_lse.group_size,
-                                  "chunk_lse": self.bank_lse.chunk_lse.cpu(), "group_lse": self.bank_lse.group_lse.cpu()}
-        return state
+    def _check_bank_fits(self, rows: int, size: int) -> None:
+        if 0 < self.bank.capacity < rows:
+            where = f" ({size} processes x {rows // size})" if size > 1 else ""
+            raise ValueError(
+                f"memory_bank_size={self.bank.capacity} is smaller than one micro-batch of {rows} pairs{where}: each "
+                f"micro-batch would overwrite the bank before anything reads it. Use memory_bank_size >= {rows} "
+                "(about the pairs of one optimizer step is a good start) or 0 for plain gradient accumulation")
 
-    def load_state_dict(self, state, device=None):
-        self.bank.load_state_dict(state, device)
-        cache = state.get("lse_cache")
-        self.bank_lse.stale = cache is None or cache["chunk_size"] != self.bank_lse.chunk_size
-        if not self.bank_lse.stale:
-            self.bank_lse.group_size = cache["group_size"]
-            self.bank_lse.chunk_lse = cache["chunk_lse"].to(device or "cpu")
-            self.bank_lse.group_lse = cache["group_lse"].to(device or "cpu")
+    def _move_bank_to(self, device) -> None:
+        if self.bank.queries is not None and self.bank.queries.device != device:
+            self.bank.to(device)
+            self.bank_lse.to(device)
+
+    def _anonymous_keys(self, shape, device, rank, size):
+        """Negative ids, unique across micro-batches and ranks: never equal to each other or to a real key."""
+        count = 1
+        for s in shape:
+            count *= s
+        ids = self._anonymous_keys_used + torch.arange(count, device=device)
+        self._anonymous_keys_used += count
+        return (-1 - (ids * size + rank)).view(*shape)
+
+    # -- statistics (kept on the device; read at logging steps) ---------------------------
+    def _track_grad_norm_ratio(self, queries, positives, hard_negatives) -> None:
+        """GradNormRatio (paper §5.5) at the embeddings: norm of the gradient reaching the passage-side
+        vectors over that reaching the query-side vectors, summed per micro-batch without a host sync."""
+        sides = [t for t in (queries, positives, hard_negatives) if t is not None]
+        if not all(t.requires_grad for t in sides):
+            return
+        squares, num_sides = {}, len(sides)  # the hooks must not hold the tensors: a cycle through C++ leaks
+
+        def hook(index):
+            def record(grad):
+                squares[index] = grad.float().pow(2).sum()
+                if len(squares) == num_sides:  # the query's and every passage-side gradient have arrived
+                    query = squares[0].sqrt()
+                    passage = sum(squares[i] for i in range(1, num_sides)).sqrt()
+                    ok = query > 0
+                    self._sums["ratio"] = self._sums.get("ratio", 0) + torch.where(ok, passage / query, 0.0)
+                    self._sums["ratio_count"] = self._sums.get("ratio_count", 0) + ok.float()
+            return record
+
+        for index, t in enumerate(sides):
+            t.register_hook(hook(index))
+
+    def pop_log_stats(self) -> dict:
+        """Means since the last call: negatives per query, GradNormRatio; and the bank fill."""
+        sums, self._sums = self._sums, {}
+        if not sums.get("micro_batches"):
+            return {}
+        logs = {"bank_fill": self.bank.fill, "negatives_per_query": sums["negatives"] / sums["micro_batches"]}
+        count = float(sums.get("ratio_count", 0))
+        if count:
+            logs["grad_norm_ratio"] = float(sums["ratio"]) / count
+        return logs
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"bank": self.bank.state_dict(), "lse_cache": self.bank_lse.state_dict(),
+                "query_bank_size": self.query_bank_size}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state["query_bank_size"] != self.query_bank_size:
+            raise ValueError(f"checkpointed query bank has {state['query_bank_size']} entries, this run asks for "
+                             f"{self.query_bank_size}: resume with the same query_memory_bank_size")
+        self.bank.load_state_dict(state["bank"])
+        self.bank_lse.load_state_dict(state["lse_cache"])
+
+    def save_checkpoint(self, directory: str, rank: int = 0, **metadata) -> str:
+        """Write this process's bank (and its cache) to `directory`; returns the file."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, BANK_FILE.format(rank=rank))
+        torch.save({"state": self.state_dict(), **metadata}, path)
+        return path
+
+    def load_checkpoint(self, directory: str, rank: int = 0) -> dict:
+        """Restore the bank written by `save_checkpoint`; returns the metadata saved with it."""
+        path = os.path.join(directory, BANK_FILE.format(rank=rank))
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} is missing: this checkpoint has no memory bank state, so the run cannot continue exactly. "
+                "Resume from a checkpoint written with the bank (ContAccumTrainer, or sentence-transformers with "
+                "hf_contaccum's ContAccumBankCallback), or start without resume_from_checkpoint")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(saved.pop("state"))
+        return saved
+
+
+def _check_inputs(queries, positives, positive_keys, hard_negatives, hard_negative_keys) -> None:
+    n = queries.shape[0]
+    if queries.dim() != 2 or positives.dim() != 2 or positives.shape != queries.shape:
+        raise ValueError(f"queries {tuple(queries.shape)} and positives {tuple(positives.shape)} must both be "
+                         "(n, d): one positive per query")
+    if positive_keys is not None and tuple(positive_keys.shape) != (n,):
+        raise ValueError(f"positive_keys has shape {tuple(positive_keys.shape)}, expected ({n},)")
+    if hard_negatives is not None:
+        if hard_negatives.dim() != 3 or hard_negatives.shape[0] != n or hard_negatives.shape[2] != queries.shape[1]:
+            raise ValueError(f"hard_negatives has shape {tuple(hard_negatives.shape)}, expected ({n}, H, "
+                             f"{queries.shape[1]}): H hard negatives per query")
+        if hard_negative_keys is not None and tuple(hard_negative_keys.shape) != tuple(hard_negatives.shape[:2]):
+            raise ValueError(f"hard_negative_keys has shape {tuple(hard_negative_keys.shape)}, expected "
+                             f"{tuple(hard_negatives.shape[:2])}")

@@ -22,21 +22,25 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 POOLINGS = ("cls", "mean")
+SIMILARITIES = {"dot": "dot", "cos": "cosine"}  # ours -> sentence-transformers' similarity_fn_name
 
 
 class BiEncoderConfig(PretrainedConfig):
     model_type = "contaccum_biencoder"
 
-    def __init__(self, encoder_config=None, shared=True, pooling="mean", normalize=False, **kwargs):
+    def __init__(self, encoder_config=None, shared=True, pooling="mean", normalize=False, similarity="dot", **kwargs):
         super().__init__(**kwargs)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {tuple(SIMILARITIES)}, got {similarity!r}")
         if isinstance(encoder_config, PretrainedConfig):
             encoder_config = encoder_config.to_dict()
         self.encoder_config = encoder_config or {}
         self.shared = shared
         self.pooling = pooling
         self.normalize = normalize
+        self.similarity = similarity  # how a query and a passage are scored; ContAccumTrainer sets it
 
 
 @dataclass
@@ -133,11 +137,17 @@ class BiEncoder(PreTrainedModel):
         files = {"modules.json": modules, "1_Pooling/config.json": pooling,
                  "query_encoder/sentence_bert_config.json": {"max_seq_length": min(int(max_len), 512),
                                                              "do_lower_case": False},
-                 "config_sentence_transformers.json": {"similarity_fn_name": "dot"}}
+                 "config_sentence_transformers.json": {"similarity_fn_name": SIMILARITIES[self.config.similarity]}}
         for rel, content in files.items():
             os.makedirs(os.path.dirname(os.path.join(root, rel)) or root, exist_ok=True)
             with open(os.path.join(root, rel), "w") as f:
                 json.dump(content, f, indent=2)
+
+    def similarity(self, queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
+        """Scores (num_queries, num_passages) with the similarity the model was trained with."""
+        if self.config.similarity == "cos":
+            queries, passages = F.normalize(queries, dim=-1), F.normalize(passages, dim=-1)
+        return queries @ passages.T
 
     @property
     def passage_tower(self):

@@ -22,6 +22,7 @@ GRADCACHE_BIBTEX = """@inproceedings{gao2021gradcache,
 }"""
 
 _SKIP_EVAL = ("runtime", "per_second", "epoch", "steps")
+SIMILARITY_WORDS = {"cos": "cosine similarity", "dot": "dot product"}
 
 
 def _versions():
@@ -105,12 +106,12 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
               f'model = BiEncoder.from_pretrained("{repo}")',
               'q = model.encode_queries(["what is a dense retriever?"])',
               'p = model.encode_passages(["A dense retriever encodes queries and passages as vectors."])',
-              "scores = q @ p.T", "```", "",
+              f"scores = model.similarity(q, p)  # {SIMILARITY_WORDS[args.similarity]}, as in training", "```", "",
               ("Each tower is also an ordinary transformers encoder in `query_encoder/` (and `passage_encoder/` "
                "for separate towers): `AutoModel.from_pretrained(repo, subfolder=\"query_encoder\")`.")]
     if model.config.shared:
         lines += [("With a shared tower the folder is also a sentence-transformers model: "
-                   "`SentenceTransformer(repo)`.")]
+                   f"`SentenceTransformer(repo)`, whose `similarity` is the same {SIMILARITY_WORDS[args.similarity]}.")]
     lines += ["", "## Framework versions", ""]
     lines += [f"- {k}: {v}" for k, v in _versions().items()]
     lines += ["", "## Citation", "", "```bibtex", CONTACCUM_BIBTEX, "", GRADCACHE_BIBTEX, "```", ""]

@@ -88,16 +88,14 @@ def test_bounded_memory_over_2000_micro_steps():
     torch.manual_seed(0)
     d, n = 128, 8  # the bank's size in samples is what matters here, not d
     encoder = torch.nn.Linear(d, d)
-    loss_fn = ContAccumLoss(4096, 4096, temperature=0.05, similarity="cos")
+    loss_fn = ContAccumLoss(4096, temperature=0.05, similarity="cos")
     rss = []
     for step in range(2000):
         x = torch.randn(2 * n, d)
         out = encoder(x)
         q, p = out[:n], out[n:]
         keys = torch.arange(step * n, step * n + n)
-        loss, _ = loss_fn(q, p, keys)
-        loss.backward()
-        loss_fn.enqueue(q, p, keys)
+        loss_fn(q, p, keys).backward()  # the backward enqueues the micro-batch
         if step >= 600 and step % 100 == 0:  # bank full after 512 micro-steps
             rss.append(_rss_mb())
     assert loss_fn.bank.fill == 4096 and loss_fn.bank.queries.shape == (4096, d)

@@ -44,6 +44,12 @@ def test_two_processes_equal_one_process_on_global_batch(tmp_path, tokenizer):
     losses = [h["loss"] for h in single.state.log_history if "loss" in h]
     assert result["losses"] == pytest.approx(losses, rel=1e-5)
     for name, value in single.model.state_dict().items():
+        if name.endswith("attention.self.key.bias"):
+            # Its exact gradient is 0 (the key bias adds the same q.b_k to every logit of a query's attention
+            # row, and softmax ignores a shift), so what both runs hold there is Adam's normalisation of float
+            # round-off (~1e-7): noise, not a difference between 1 and 2 processes.
+            assert value.abs().max() < 1e-5 and params[name].abs().max() < 1e-5, name
+            continue
         assert torch.allclose(value, params[name], atol=1e-6), name
     bank = single.memory_bank
     assert result["checksums"][0][3:] == [bank.ptr, bank.fill]

@@ -22,9 +22,10 @@ def _reference_grads(model, batch, seed, k):
     return {name: prm.grad.clone() for name, prm in model.named_parameters() if prm.grad is not None}
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 6])
+@pytest.mark.parametrize("chunk", [1, 3, 18])
 def test_gradcache_gradients_equal_full_batch(tmp_path, tokenizer, toy_dataset, chunk):
-    """With dropout on: chunk = 6 is one forward; smaller chunks replay the same dropout masks."""
+    """With dropout on: chunk = 18 (6 queries, 18 passages) is one forward; smaller chunks (per column:
+    chunks of queries, chunks of passages) replay the same dropout masks."""
     ds = toy_dataset(6, num_negatives=2)
     batch = ContrastiveCollator(tokenizer, 16, 24)(list(ds))
     model = tiny_model(dropout=0.2)
@@ -32,20 +33,23 @@ def test_gradcache_gradients_equal_full_batch(tmp_path, tokenizer, toy_dataset, 
                         mask_false_negatives=False, gradcache_chunk_size=chunk)
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     trainer.current_gradient_accumulation_steps = 2
-    if chunk == 6:
+    if chunk == 18:
         reference = _reference_grads(copy.deepcopy(model), batch, seed=7, k=2)
-    else:  # the reference runs the chunks with a graph, in order, from the same seed
+    else:  # the reference runs GradCache's forward calls with a graph, in order, from the same seed
         reference_model = copy.deepcopy(model)
         torch.manual_seed(7)
         reference_model.train()
-        from hf_contaccum.gradcache import _chunk_inputs
+        from hf_contaccum.data import side_features
+        from hf_contaccum.gradcache import chunk_schedule, slice_features
 
-        reps = []
-        for start in range(0, 6, chunk):
-            c = _chunk_inputs(batch, start, min(start + chunk, 6))
-            q, p, hn, _ = trainer.encode_batch(reference_model, c)
-            reps.append((q, p, hn))
-        q, p, hn = (torch.cat([r[i] for r in reps]) for i in range(3))
+        columns = {side: side_features(batch, side) for side in ("query", "passage")}
+        calls = chunk_schedule([6, 6 * 3], chunk, paired=True)  # 6 queries; 6 positives + 12 hard negatives
+        names = list(columns)
+        reps = [trainer.embed(reference_model, {names[c]: slice_features(columns[names[c]], *rows)
+                                                for c, rows in call.items()}) for call in calls]
+        q = torch.cat([r["query"] for r in reps if "query" in r])
+        passages = torch.cat([r["passage"] for r in reps])
+        p, hn = passages[:6], passages[6:].view(6, 2, -1)
         empty = q.new_zeros(0, q.shape[1])
         (naive_contaccum_loss(q, p, hn, empty, empty, None) / 2).backward()
         reference = {name: prm.grad.clone() for name, prm in reference_model.named_parameters()

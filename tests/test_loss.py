@@ -12,26 +12,27 @@ from hf_contaccum.loss import ContAccumLoss
 def test_gradients_match_naive_equations(bank_hn, mask, similarity):
     torch.manual_seed(0)
     d, n, H, m, tau = 16, 4, 2, 10, 0.5
-    loss_fn = ContAccumLoss(m, m, temperature=tau, similarity=similarity, bank_hard_negatives=bank_hn,
-                            mask_false_negatives=mask, chunk_size=3)  # chunk does not divide m: edge chunks
+    loss_fn = ContAccumLoss(m, tau, similarity, bank_hard_negatives=bank_hn, mask_false_negatives=mask,
+                            bank_chunk_size=3)  # chunk does not divide m: edge chunks
     for step in range(7):  # fills, wraps around twice
         q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
         hn = torch.randn(n, H, d, requires_grad=True)
         # few distinct keys: many duplicates, so masking is exercised
         pk, hk = torch.randint(0, 6, (n,)), torch.randint(0, 6, (n, H))
-        loss, stats = loss_fn(q, p, pk, hn, hk)
-        grads = torch.autograd.grad(loss, [q, p, hn])
-
         bank = loss_fn.bank
-        f = bank.fill
+        f = bank.fill  # the bank as this micro-batch reads it (the backward below enqueues the micro-batch)
         if f:
-            bq, bp, bpk = bank.queries[:f], bank.passages[:f], bank.passage_keys[:f]
-            bh = bank.hard_negatives[:f] if bank_hn else None
-            bhk = bank.hard_negative_keys[:f] if bank_hn else torch.zeros(f, 0, dtype=torch.long)
+            bq, bp, bpk = bank.queries[:f].clone(), bank.passages[:f].clone(), bank.passage_keys[:f].clone()
+            bh = bank.hard_negatives[:f].clone() if bank_hn else None
+            bhk = bank.hard_negative_keys[:f].clone() if bank_hn else torch.zeros(f, 0, dtype=torch.long)
         else:
             bq = bp = torch.zeros(0, d)
             bpk = torch.zeros(0, dtype=torch.long)
             bh, bhk = None, torch.zeros(0, 0, dtype=torch.long)
+        loss = loss_fn(q, p, pk, hn, hk)
+        stats = loss_fn.last_stats
+        grads = torch.autograd.grad(loss, [q, p, hn])
+        assert bank.num_enqueued == (step + 1) * n  # enqueued by the backward, after it read the bank
         keys = {"p": pk, "hn": hk, "bp": bpk, "bhn": bhk} if mask else None
         ref = naive_contaccum_loss(q, p, hn, bq, bp, bh, tau, keys=keys, cos=similarity == "cos")
         ref_grads = torch.autograd.grad(ref, [q, p, hn])
@@ -39,7 +40,6 @@ def test_gradients_match_naive_equations(bank_hn, mask, similarity):
         for g, r in zip(grads, ref_grads):
             assert torch.allclose(g, r, atol=1e-6, rtol=1e-4), (step, (g - r).abs().max())
         assert stats.num_rows == n + f
-        loss_fn.enqueue(q, p, pk, hn, hk)
     assert bank.fill == m
 
 
@@ -48,16 +48,15 @@ def test_passage_bank_only_and_smaller_query_bank():
     torch.manual_seed(1)
     d, n = 8, 3
     for mq, mp in [(0, 9), (4, 9)]:
-        loss_fn = ContAccumLoss(mq, mp, chunk_size=4, mask_false_negatives=False)
+        loss_fn = ContAccumLoss(mp, query_bank_size=mq, bank_chunk_size=4, mask_false_negatives=False)
         for step in range(5):
             q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
             keys = torch.arange(step * n, step * n + n)
-            loss, _ = loss_fn(q, p, keys)
             bank = loss_fn.bank
             f = bank.fill
             if f:
                 rows = bank.newest(mq)
-                bq, bp = bank.queries[rows], bank.passages[:f]
+                bq, bp = bank.queries[rows].clone(), bank.passages[:f].clone()
                 # naive: banked rows are the newest mq entries; their targets the aligned positives
                 cols = torch.cat([p, bp])
                 S = torch.cat([q, bq]) @ cols.T
@@ -65,30 +64,37 @@ def test_passage_bank_only_and_smaller_query_bank():
                 ref = torch.nn.functional.cross_entropy(S, targets)
             else:
                 ref = torch.nn.functional.cross_entropy(q @ p.T, torch.arange(n))
+            loss = loss_fn(q, p, keys)
             g, r = torch.autograd.grad(loss, [q, p]), torch.autograd.grad(ref, [q, p])
             assert torch.allclose(loss, ref, atol=1e-5)
             assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, r))
-            loss_fn.enqueue(q, p, keys)
 
 
 def test_without_bank_is_in_batch_infonce():
     torch.manual_seed(2)
     q, p = torch.randn(5, 8), torch.randn(5, 8)
-    loss, stats = ContAccumLoss(0, 0, mask_false_negatives=False)(q, p, torch.arange(5))
+    loss_fn = ContAccumLoss(0, mask_false_negatives=False)
+    loss = loss_fn(q, p, torch.arange(5))
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(q @ p.T, torch.arange(5)))
-    assert stats.num_columns == 5
+    assert loss_fn.last_stats.num_columns == 5
 
 
 def test_fp16_inputs_compute_in_fp32():
     q, p = (torch.randn(4, 8) * 30).half(), (torch.randn(4, 8) * 30).half()
-    loss, _ = ContAccumLoss(0, 0)(q, p, torch.arange(4))
+    loss = ContAccumLoss(0)(q, p, torch.arange(4))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 def test_bad_configuration_errors():
     with pytest.raises(ValueError, match="must be >= 0"):
-        ContAccumLoss(-1, 4)
+        ContAccumLoss(4, query_bank_size=-1)
     with pytest.raises(ValueError, match="passage bank at least as large"):
-        ContAccumLoss(8, 4)
+        ContAccumLoss(4, query_bank_size=8)
     with pytest.raises(ValueError, match="similarity"):
-        ContAccumLoss(0, 0, similarity="l2")
+        ContAccumLoss(0, similarity="l2")
+    with pytest.raises(ValueError, match=r"smaller than one micro-batch of 8 pairs.*memory_bank_size >= 8"):
+        ContAccumLoss(4)(torch.randn(8, 3, requires_grad=True), torch.randn(8, 3))
+    with pytest.raises(ValueError, match=r"hard_negatives has shape \(4, 3\)"):
+        ContAccumLoss(8)(torch.randn(4, 3), torch.randn(4, 3), hard_negatives=torch.randn(4, 3))
+    with pytest.raises(ValueError, match="one positive per query"):
+        ContAccumLoss(8)(torch.randn(4, 3), torch.randn(5, 3))

@@ -1,0 +1,45 @@
+"""Sharing a micro-batch across processes (design.md §3).
+
+Passages and hard negatives are gathered WITH gradient: all_gather's backward sums every
+rank's gradient back to the owner. Queries and keys are gathered without (they only go
+to the bank). accelerate.gather keeps no autograd, so it is never used for tensors that
+must carry gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as collectives
+import torch.distributed.nn.functional
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` concatenated along dim 0 in rank order, keeping autograd.
+    torch's successor of the deprecated torch.distributed.nn all_gather."""
+    if hasattr(collectives, "all_gather_single_autograd"):
+        return collectives.all_gather_single_autograd(t.contiguous(), 0, dist.group.WORLD)
+    return torch.cat(torch.distributed.nn.functional.all_gather(t))
+
+
+def gather_without_grad(t: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    return torch.cat(parts)
+
+
+def check_equal_shapes(*tensors) -> None:
+    """The gathered similarity matrix needs the same shapes on every rank: say so instead of hanging."""
+    shape = torch.tensor([[s for t in tensors for s in t.shape]], device=tensors[0].device)
+    shapes = gather_without_grad(shape).tolist()
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(
+            f"micro-batches differ across processes (per rank, the shapes of queries / positive keys / hard-negative "
+            f"keys: {shapes}); the gathered similarity matrix needs equal shapes. Keep accelerate's even_batches "
+            "(default) or set dataloader_drop_last=True, and give every row the same number of hard negatives")
