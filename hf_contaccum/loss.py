@@ -82,6 +82,7 @@ class ContAccumLoss(nn.Module):
         self.bank = MemoryBank(memory_bank_size, bank_hard_negatives)
         self.bank_lse = BankLogsumexp(bank_chunk_size)
         self.last_stats: LossStats | None = None
+        self.restored_step = None  # the global_step saved with the last checkpoint loaded
         self._anonymous_keys_used = 0
         self._sums: dict = {}
 
@@ -282,10 +283,10 @@ class ContAccumLoss(nn.Module):
                 "query_bank_size": self.query_bank_size}
 
     def set_extra_state(self, state: dict) -> None:
+        self.bank.load_state_dict(state["bank"])  # refuses another capacity, naming the setting
         if state["query_bank_size"] != self.query_bank_size:
             raise ValueError(f"checkpointed query bank has {state['query_bank_size']} entries, this run asks for "
                              f"{self.query_bank_size}: resume with the same query_memory_bank_size")
-        self.bank.load_state_dict(state["bank"])
         self.bank_lse.load_state_dict(state["lse_cache"])
 
     def save_checkpoint(self, directory: str, rank: int = 0, **metadata) -> str:
@@ -305,6 +306,7 @@ class ContAccumLoss(nn.Module):
                 "hf_contaccum's ContAccumBankCallback), or start without resume_from_checkpoint")
         saved = torch.load(path, map_location="cpu", weights_only=True)
         self.load_state_dict(saved.pop("state"))
+        self.restored_step = saved.get("global_step")
         return saved
 
 

@@ -1,0 +1,218 @@
+"""hf_contaccum.sentence_transformers.ContAccumLoss against sentence-transformers' own losses,
+ContAccumTrainer, and itself resumed; the bank in checkpoints, never in the model."""
+import copy
+import os
+
+import pytest
+import torch
+from conftest import make_tokenizer, tiny_bert_config, toy_rows, trainer_args
+
+st = pytest.importorskip("sentence_transformers")
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer  # noqa: E402
+from sentence_transformers.util import cos_sim, dot_score, manhattan_sim  # noqa: E402
+
+from hf_contaccum import BiEncoder, ContAccumTrainer  # noqa: E402
+from hf_contaccum.sentence_transformers import ContAccumBankCallback, ContAccumLoss, token_keys  # noqa: E402
+
+try:
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+except ImportError:  # sentence-transformers < 6
+    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+    from sentence_transformers.models import Pooling, Transformer
+
+
+@pytest.fixture
+def encoder_dir(tmp_path):
+    """A tiny BERT and a character tokenizer saved as one folder: what SentenceTransformer and BiEncoder load."""
+    from transformers import BertModel
+
+    def build(dropout=0.0, seed=0):
+        path = tmp_path / f"encoder-{dropout}-{seed}"
+        torch.manual_seed(seed)
+        BertModel(tiny_bert_config(dropout=dropout), add_pooling_layer=False).save_pretrained(path)
+        make_tokenizer(tmp_path).save_pretrained(path)
+        return str(path)
+
+    return build
+
+
+def st_model(path):
+    return SentenceTransformer(modules=[Transformer(path, max_seq_length=64), Pooling(16, pooling_mode="mean")],
+                               device="cpu")
+
+
+def features(model, rows, columns):
+    return [model.tokenize([r[c] for r in rows]) for c in columns]
+
+
+def grads_of(model, loss_fn, feats, seed=7):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = loss_fn([dict(f) for f in feats], None)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(a, b):
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=2e-5, rtol=1e-4), name  # float32 summation order
+
+
+@pytest.mark.parametrize("similarity, scale", [(cos_sim, 20.0), (dot_score, 1.0)])
+def test_without_bank_equals_multiple_negatives_ranking_loss(encoder_dir, similarity, scale):
+    model = st_model(encoder_dir())
+    rows = toy_rows(6, num_negatives=2)
+    feats = features(model, rows, ["query", "positive", "negative", "negative_1"])
+    ref_loss, ref = grads_of(model, MultipleNegativesRankingLoss(model, scale=scale, similarity_fct=similarity), feats)
+    ours = ContAccumLoss(model, memory_bank_size=0, scale=scale, similarity_fct=similarity)
+    loss, got = grads_of(model, ours, feats)
+    assert torch.allclose(loss, ref_loss, atol=1e-6)
+    assert_same_grads(got, ref)
+
+
+def test_mini_batch_size_equals_cached_mnrl_with_dropout(encoder_dir):
+    model = st_model(encoder_dir(dropout=0.2))
+    model.train()
+    rows = toy_rows(7, num_negatives=1)  # 7 rows in mini-batches of 3: a short last one
+    feats = features(model, rows, ["query", "positive", "negative"])
+    ref_loss, ref = grads_of(model, CachedMultipleNegativesRankingLoss(model, mini_batch_size=3), feats)
+    ours = ContAccumLoss(model, memory_bank_size=0, mini_batch_size=3)
+    loss, got = grads_of(model, ours, feats)
+    assert torch.allclose(loss, ref_loss, atol=1e-6)
+    assert_same_grads(got, ref)
+    _, without_replay = grads_of(model, ContAccumLoss(model, memory_bank_size=0), feats)  # other dropout masks
+    assert any(not torch.allclose(without_replay[n], ref[n], atol=1e-6) for n in ref)
+
+
+def _sequential_batches(dataset, batch_size, drop_last, *args, **kwargs):
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    return BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last)
+
+
+def _st_args(tmp_path, **overrides):
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    values = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+              "max_steps": 3, "learning_rate": 1e-3, "lr_scheduler_type": "constant", "weight_decay": 0.0,
+              "max_grad_norm": 0.0, "optim": "adamw_torch", "report_to": "none", "save_strategy": "no",
+              "logging_steps": 1, "use_cpu": True, "seed": 0, "disable_tqdm": True,
+              "batch_sampler": _sequential_batches}
+    values.update(overrides)
+    return SentenceTransformerTrainingArguments(**values)
+
+
+def test_training_with_a_bank_equals_contaccum_trainer(tmp_path, encoder_dir):
+    from datasets import Dataset
+
+    path = encoder_dir()
+    rows = toy_rows(4 * 2 * 3, num_negatives=1)
+    data = Dataset.from_list(rows)
+    model = st_model(path)
+    loss = ContAccumLoss(model, memory_bank_size=10, scale=20.0, bank_hard_negatives=True, bank_chunk_size=3)
+    trainer = SentenceTransformerTrainer(model=model, args=_st_args(tmp_path / "st"), train_dataset=data, loss=loss,
+                                         callbacks=[ContAccumBankCallback(loss)])
+    trainer.train()
+
+    reference = BiEncoder.from_encoder(path, shared=True, pooling="mean")
+    args = trainer_args(tmp_path / "ours", memory_bank_size=10, bank_hard_negatives=True, bank_chunk_size=3,
+                        similarity="cos", temperature=0.05, query_max_length=64, passage_max_length=64)
+    ours = ContAccumTrainer(model=reference, args=args, train_dataset=data, processing_class=reference.tokenizer)
+    ours.train()
+
+    st_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert st_losses == pytest.approx([h["loss"] for h in ours.state.log_history if "loss" in h], rel=1e-5)
+    # BERT's pooler is built by both loaders (randomly: it is not in the folder) and used by neither
+    st_params = {n: p for n, p in model[0].auto_model.named_parameters() if not n.startswith("pooler.")}
+    assert len(st_params) > 10
+    for name, value in st_params.items():
+        assert torch.allclose(value, dict(reference.query_encoder.named_parameters())[name], atol=1e-5), name
+    assert torch.allclose(loss.memory_bank.queries, ours.memory_bank.queries, atol=1e-5)
+
+
+def test_resume_equals_uninterrupted_and_bank_stays_out_of_the_model(tmp_path, encoder_dir):
+    from datasets import Dataset
+
+    path = encoder_dir()
+    data = Dataset.from_list(toy_rows(40, num_negatives=1))
+    common = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+
+    def run(out, resume=None, bank=12):
+        model = st_model(path)
+        loss = ContAccumLoss(model, memory_bank_size=bank, bank_hard_negatives=True)
+        trainer = SentenceTransformerTrainer(model=model, args=_st_args(out, **common), train_dataset=data, loss=loss,
+                                             callbacks=[ContAccumBankCallback(loss)])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, loss, trainer
+
+    full_model, full_loss, full = run(tmp_path / "a")
+    assert sorted(f for f in os.listdir(tmp_path / "a" / "checkpoint-2") if f.startswith("contaccum_bank")) == [
+        "contaccum_bank_rank0.pt"]
+    # resume_from_checkpoint=True picks output_dir's last checkpoint: copy the run, drop its end
+    import shutil
+
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed_model, resumed_loss, resumed = run(tmp_path / "b", resume=True)
+    for (name, a), (_, b) in zip(full_model.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(a, b), name
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h and h["step"] > 2]
+    assert losses(full) == losses(resumed)
+    sa, sb = full_loss.memory_bank.state_dict(), resumed_loss.memory_bank.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+
+    full.save_model(str(tmp_path / "final"))  # the model folder: no bank, loadable as a plain model
+    assert not any("contaccum" in f for _, _, files in os.walk(tmp_path / "final") for f in files)
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "ContAccumLoss" in card and "memory_bank_size" in card and "kim2024contaccum" in card
+
+    with pytest.raises(ValueError, match="same memory_bank_size"):
+        run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-2"), bank=16)
+    os.remove(tmp_path / "b" / "checkpoint-2" / "contaccum_bank_rank0.pt")
+    with pytest.raises(FileNotFoundError, match="no memory bank state"):
+        run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-2"))
+
+
+def test_token_keys_identify_texts_whatever_the_padding(encoder_dir):
+    model = st_model(encoder_dir())
+    a = token_keys(model.tokenize(["kilo lima", "mike", "kilo lima"]))
+    b = token_keys(model.tokenize(["a much longer text to widen the batch", "kilo lima"]))
+    assert a[0] == a[2] == b[1] and a[0] != a[1] and a.dtype == torch.long
+    left = model.tokenize(["kilo lima", "mike"])
+    shift = torch.zeros_like(left["input_ids"][:, :2])
+    left = {"input_ids": torch.cat([shift, left["input_ids"]], 1),
+            "attention_mask": torch.cat([shift, left["attention_mask"]], 1)}
+    assert torch.equal(token_keys(left), a[:2])
+
+
+def test_duplicate_positive_in_batch_is_masked(encoder_dir):
+    model = st_model(encoder_dir())
+    rows = toy_rows(4)
+    rows[3]["positive"] = rows[1]["positive"]  # two anchors share a positive: not each other's negative
+    feats = features(model, rows, ["query", "positive"])
+    masked = ContAccumLoss(model)(copy.deepcopy(feats), None)
+    plain = ContAccumLoss(model, mask_false_negatives=False)(copy.deepcopy(feats), None)
+    assert masked < plain
+
+
+def test_bad_input(encoder_dir):
+    model = st_model(encoder_dir())
+    with pytest.raises(ValueError, match="cos_sim or dot_score"):
+        ContAccumLoss(model, similarity_fct=manhattan_sim)
+    with pytest.raises(ValueError, match="gives 1 column"):
+        ContAccumLoss(model)(features(model, toy_rows(4), ["query"]), None)
+    with pytest.raises(ValueError, match="smaller than one micro-batch of 4 pairs"):
+        ContAccumLoss(model, memory_bank_size=2)(features(model, toy_rows(4), ["query", "positive"]), None)
+    with pytest.raises(TypeError, match="ContAccumLoss to save"):
+        ContAccumBankCallback(MultipleNegativesRankingLoss(model))
+
+
+def test_config_and_citation(encoder_dir):
+    loss = ContAccumLoss(st_model(encoder_dir()), memory_bank_size=64, mini_batch_size=8)
+    config = loss.get_config_dict()
+    assert config["memory_bank_size"] == 64 and config["similarity_fct"] == "cos_sim" and config["scale"] == 20.0
+    assert "kim2024contaccum" in loss.citation and "gao2021gradcache" in loss.citation
