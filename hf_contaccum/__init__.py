@@ -1,6 +1,10 @@
-"""hf_contaccum: Contrastive Accumulation (ContAccum) for dense retrievers on transformers.Trainer."""
+"""hf_contaccum: Contrastive Accumulation (ContAccum) for dense retrievers.
+
+ContAccumLoss owns the micro-step (any training loop); ContAccumTrainer runs it in the
+Hugging Face Trainer; hf_contaccum.sentence_transformers.ContAccumLoss in sentence-transformers."""
 from .bank import MemoryBank
 from .data import ColumnMap, ContrastiveCollator
+from .evaluation import RetrievalEvaluator
 from .loss import ContAccumLoss
 from .model import BiEncoder, BiEncoderConfig
 from .trainer import ContAccumTrainer
@@ -15,5 +19,6 @@ __all__ = [
            "ContAccumTrainingArguments",
            "ContrastiveCollator",
            "MemoryBank",
+           "RetrievalEvaluator",
 ]
 __version__ = "0.1.0"

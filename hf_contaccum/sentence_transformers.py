@@ -129,6 +129,12 @@ class ContAccumLoss(nn.Module):
         return self.contaccum.bank
 
     @property
+    def uses_gradient_cache(self) -> bool:
+        """sentence-transformers' flag for losses that re-embed during the backward (with mini_batch_size):
+        wrappers that patch the model's forward (MatryoshkaLoss, AdaptiveLayerLoss) must know."""
+        return self.gradcache is not None
+
+    @property
     def temperature(self) -> float:
         return 1.0 / self.scale
 

@@ -28,15 +28,19 @@ def _launch(tmp_path, config, launcher="torchrun", timeout=240):
     return json.loads((tmp_path / "result.json").read_text()), torch.load(tmp_path / "params.pt")
 
 
-def test_two_processes_equal_one_process_on_global_batch(tmp_path, tokenizer):
+@pytest.mark.parametrize("gradcache_chunk_size", [None, 1])
+def test_two_processes_equal_one_process_on_global_batch(tmp_path, tokenizer, gradcache_chunk_size):
+    """Plain and with GradCache (the hybrid: chunks replayed from a backward hook, only the last
+    one synchronising DDP's gradients)."""
     from datasets import Dataset
 
-    result, params = _launch(tmp_path, CONFIG)
+    config = dict(CONFIG, args=dict(CONFIG["args"], gradcache_chunk_size=gradcache_chunk_size))
+    result, params = _launch(tmp_path, config)
     # identical global bank on both ranks
     assert result["checksums"][0] == result["checksums"][1]
     # one process, local batch 2 x 2: accelerate hands rank r the r-th of each pair of batches,
     # so the global micro-batch is the same rows in the same (rank) order
-    args = dict(CONFIG["args"], per_device_train_batch_size=4)
+    args = dict(config["args"], per_device_train_batch_size=4)
     single = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "single", **args),
                               train_dataset=Dataset.from_list(toy_rows(CONFIG["rows"], CONFIG["negatives"])),
                               processing_class=tokenizer)

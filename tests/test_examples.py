@@ -86,3 +86,17 @@ def test_subclassing_example_trains_with_a_narrower_bank(tmp_path, tokenizer, to
                                                processing_class=tokenizer, dim=6)
     trainer.train()
     assert trainer.memory_bank.queries.shape == (8, 6)
+
+
+def test_sentence_transformers_example_trains_checkpoints_and_resumes(tmp_path, tiny_checkpoint):
+    pytest.importorskip("sentence_transformers")
+    module = _load("sentence_transformers_contaccum")
+    common = ["--model", str(tiny_checkpoint), "--output_dir", str(tmp_path / "out"), "--batch_size", "4",
+              "--gradient_accumulation_steps", "2", "--memory_bank_size", "8", "--max_train", "64",
+              "--eval_queries", "20", "--corpus_size", "100", "--mini_batch_size", "3"]
+    before, after = module.main(common + ["--max_steps", "2"])
+    assert "wordnet_cosine_ndcg@10" in after and 0 <= after["wordnet_cosine_ndcg@10"] <= 1
+    assert (tmp_path / "out" / "checkpoint-2" / "contaccum_bank_rank0.pt").exists()
+    assert not any("contaccum_bank" in f for f in os.listdir(tmp_path / "out" / "final"))
+    module.main(common + ["--max_steps", "4", "--resume"])  # continues from checkpoint-2, bank restored
+    assert (tmp_path / "out" / "checkpoint-4" / "contaccum_bank_rank0.pt").exists()

@@ -109,3 +109,32 @@ def test_saved_model_loads_three_ways_with_identical_embeddings(tmp_path, tokeni
         st = pytest.importorskip("sentence_transformers")
         emb = st.SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_tensor=True)
         assert torch.allclose(emb.cpu(), p, atol=1e-5)
+
+
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_saved_model_scores_with_its_training_similarity(tmp_path, tokenizer, toy_dataset, similarity, normalize):
+    """The similarity is part of the saved model: BiEncoder and SentenceTransformer give the same scores."""
+    st = pytest.importorskip("sentence_transformers")
+    model = tiny_model(normalize=normalize)
+    model.tokenizer = tokenizer
+    args = trainer_args(tmp_path, similarity=similarity, temperature=0.05 if similarity == "cos" else 1.0,
+                        max_steps=1)
+    trainer = ContAccumTrainer(model=model, args=args, train_dataset=toy_dataset(8), processing_class=tokenizer)
+    trainer.train()
+    path = tmp_path / "saved"
+    trainer.save_model(str(path))
+    trainer.create_model_card()
+    assert f"model.similarity(q, p)  # {'cosine similarity' if similarity == 'cos' else 'dot product'}" in (
+        tmp_path / "out" / "README.md").read_text()
+    queries, passages = ["apple banana", "kilo lima mike"], ["banana cherry", "lima", "apple pie and more"]
+    reloaded = BiEncoder.from_pretrained(path)
+    ours = reloaded.similarity(reloaded.encode_queries(queries), reloaded.encode_passages(passages))
+    sentence_model = st.SentenceTransformer(str(path), device="cpu")
+    theirs = sentence_model.similarity(sentence_model.encode(queries, convert_to_tensor=True),
+                                       sentence_model.encode(passages, convert_to_tensor=True))
+    assert torch.allclose(ours, theirs.cpu(), atol=1e-5)
+    assert sentence_model.similarity_fn_name == {"cos": "cosine", "dot": "dot"}[similarity]
+    if similarity == "cos" and not normalize:  # the case that used to be scored with the dot product
+        raw = reloaded.encode_queries(queries) @ reloaded.encode_passages(passages).T
+        assert not torch.allclose(raw, ours, atol=1e-3)

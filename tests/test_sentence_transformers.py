@@ -216,3 +216,34 @@ def test_config_and_citation(encoder_dir):
     config = loss.get_config_dict()
     assert config["memory_bank_size"] == 64 and config["similarity_fct"] == "cos_sim" and config["scale"] == 20.0
     assert "kim2024contaccum" in loss.citation and "gao2021gradcache" in loss.citation
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, encoder_dir):
+    import json
+    import subprocess
+    import sys
+
+    path = encoder_dir()
+    config = {"rows": 24, "batch": 8, "steps": 3, "bank": 12}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    worker = os.path.join(os.path.dirname(__file__), "st_dist_worker.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           worker, str(tmp_path), path, json.dumps(config)], env=env, capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = torch.load(tmp_path / "st_dist.pt")
+    assert result["checksums"][0] == result["checksums"][1]  # one global bank, identical on both ranks
+
+    model = st_model(path)
+    model.train()
+    loss_fn = ContAccumLoss(model, memory_bank_size=12, bank_hard_negatives=True)
+    rows = toy_rows(24, num_negatives=1)
+    for step, expected in enumerate(result["steps"]):
+        _, grads = grads_of(model, loss_fn, features(model, rows[step * 8:(step + 1) * 8],
+                                                     ["query", "positive", "negative"]))
+        assert grads.keys() == expected["grads"].keys()
+        for name in grads:
+            assert torch.allclose(grads[name], expected["grads"][name], atol=2e-5, rtol=1e-4), (step, name)
+    bank = loss_fn.memory_bank
+    assert result["checksums"][0][3:] == [bank.ptr, bank.fill]
+    assert result["checksums"][0][0] == pytest.approx(float(bank.queries.double().sum()), rel=1e-5)

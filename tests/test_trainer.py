@@ -195,3 +195,76 @@ def test_resume_continues_exactly(tmp_path, tokenizer, toy_dataset):
     assert loss(full) == loss(resumed)
     sa, sb = full.memory_bank.state_dict(), resumed.memory_bank.state_dict()
     assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+
+
+def test_one_evaluate_is_one_log_line_and_one_on_evaluate(tmp_path, tokenizer, toy_dataset):
+    """EarlyStoppingCallback on a retrieval metric sees it in the only on_evaluate of each evaluation."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    from hf_contaccum.evaluation import RetrievalEvaluator
+
+    rows = list(toy_dataset(24))
+    evaluator = RetrievalEvaluator({f"q{i}": r["query"] for i, r in enumerate(rows)},
+                                   {f"d{i}": r["positive"] for i, r in enumerate(rows)},
+                                   {f"q{i}": {f"d{i}": 1} for i in range(len(rows))}, k_values=(1, 10),
+                                   show_progress=False)
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append(dict(metrics))
+
+    for eval_dataset in (toy_dataset(8, seed=3), None):  # with an eval loss, and the evaluator alone
+        seen.clear()
+        args = trainer_args(tmp_path, memory_bank_size=8, max_steps=4, eval_strategy="steps", eval_steps=2,
+                            save_strategy="steps", save_steps=2, metric_for_best_model="eval_ndcg@10",
+                            greater_is_better=True, load_best_model_at_end=True)
+        trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(24),
+                                   eval_dataset=eval_dataset, processing_class=tokenizer, evaluator=evaluator,
+                                   callbacks=[EarlyStoppingCallback(early_stopping_patience=5), Record()])
+        trainer.train()
+        assert len(seen) == 2 and all("eval_ndcg@10" in m for m in seen)
+        assert ("eval_loss" in seen[0]) == (eval_dataset is not None)
+        eval_logs = [h for h in trainer.state.log_history if any(k.startswith("eval_") for k in h)]
+        assert len(eval_logs) == 2 and all("eval_ndcg@10" in h for h in eval_logs)
+        metrics = trainer.evaluate()
+        assert len(seen) == 3 and "eval_ndcg@10" in metrics and "eval_ndcg@10" in seen[-1]
+
+
+def test_gradcache_runs_the_trainers_own_training_step(tmp_path, tokenizer, toy_dataset):
+    """optimizer.train() (schedule-free optimizers) is called on every micro-step, GradCache or not."""
+    calls = []
+
+    class TrainEvalAdamW(torch.optim.AdamW):
+        def train(self):
+            calls.append("train")
+
+        def eval(self):
+            calls.append("eval")
+
+    for chunk in (None, 2):
+        calls.clear()
+        model = tiny_model()
+        args = trainer_args(tmp_path, memory_bank_size=8, gradcache_chunk_size=chunk, max_steps=2)
+        trainer = ContAccumTrainer(model=model, args=args, train_dataset=toy_dataset(16), processing_class=tokenizer,
+                                   optimizers=(TrainEvalAdamW(model.parameters(), lr=1e-3), None))
+        trainer.train()
+        assert calls.count("train") >= 2 * 2, (chunk, calls)  # max_steps x K micro-steps
+
+
+def test_bank_smaller_than_a_micro_batch_and_no_tokenizer(tmp_path, tokenizer, toy_dataset):
+    with pytest.raises(ValueError, match=r"smaller than one micro-batch of 4 pairs.*memory_bank_size >= 4"):
+        ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path, memory_bank_size=3),
+                         train_dataset=toy_dataset(8), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="no tokenizer: pass processing_class"):
+        ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path), train_dataset=toy_dataset(8))
+
+
+def test_resume_with_another_bank_size_is_refused(tmp_path, tokenizer, toy_dataset):
+    common = {"gradient_accumulation_steps": 2, "max_steps": 2, "save_strategy": "steps", "save_steps": 2}
+    ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "a", memory_bank_size=8, **common),
+                     train_dataset=toy_dataset(24), processing_class=tokenizer).train()
+    resumed = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "b", memory_bank_size=16, **common),
+                               train_dataset=toy_dataset(24), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="resume with the same memory_bank_size"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))

@@ -1,0 +1,145 @@
+"""hf_contaccum's sentence-transformers ContAccumLoss against sentence-transformers' own losses,
+per optimizer step of SentenceTransformerTrainer, side by side in one process.
+
+Same model (the offline all-MiniLM-L6-v2), same batches (WordNet pairs in a fixed order),
+same trainer settings; only the loss differs. Methods run interleaved round by round
+(the order rotates) so that drift in machine speed hits all alike. The banks are
+pre-filled, so every timed step pays for a full bank. Reports the median seconds per
+step and the median of per-round ratios to MultipleNegativesRankingLoss; writes JSON and
+a plot.
+
+    python benchmarks/st_loss_overhead.py --rounds 5          # ~6 min on 2 CPU cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_losses(model, bank, chunk):
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    from hf_contaccum.sentence_transformers import ContAccumLoss
+
+    return {
+        "MNRL": MultipleNegativesRankingLoss(model),
+        "ContAccum N_mem 0": ContAccumLoss(model, memory_bank_size=0),
+        f"ContAccum N_mem {bank}": ContAccumLoss(model, memory_bank_size=bank),
+        f"CachedMNRL mini-batch {chunk}": CachedMultipleNegativesRankingLoss(model, mini_batch_size=chunk),
+        f"ContAccum N_mem {bank} + GradCache {chunk}": ContAccumLoss(model, memory_bank_size=bank,
+                                                                      mini_batch_size=chunk),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_size", type=int, default=32, help="pairs per micro-batch")
+    parser.add_argument("--k", type=int, default=4, help="accumulation steps")
+    parser.add_argument("--memory_bank_size", type=int, default=4096)
+    parser.add_argument("--mini_batch_size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--output", default=os.path.join(HERE, "results", "st_loss_overhead"))
+    args = parser.parse_args()
+
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments as Arguments
+    from torch.utils.data import BatchSampler, SequentialSampler
+    from transformers import TrainerCallback
+
+    from hf_contaccum.quickstart import default_encoder_path
+    from hf_contaccum.sample_data import load_wordnet_sample
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = SentenceTransformer(str(default_encoder_path()))
+    model[0].max_seq_length = 32
+    train, *_ = load_wordnet_sample(max_train=args.batch_size * args.k * (args.steps + 1))
+    train = train.rename_column("query", "anchor").remove_columns("positive_id")
+    losses = build_losses(model, args.memory_bank_size, args.mini_batch_size)
+    dim = model.get_sentence_embedding_dimension()
+    for name, loss in losses.items():  # fill the banks: the cost does not depend on the vectors' values
+        if getattr(loss, "contaccum", None) is not None and loss.contaccum.memory_bank_size:
+            fill = F.normalize(torch.randn(args.memory_bank_size, dim, device=model.device), dim=-1)
+            loss.contaccum.enqueue(fill, fill, torch.arange(args.memory_bank_size, device=model.device) - 10**9)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.start)
+
+    def sequential(dataset, batch_size, drop_last, *a, **k):
+        return BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last)
+
+    def run(name):
+        timer = StepTimer()
+        targs = Arguments(output_dir="/tmp/st_loss_overhead", max_steps=args.steps + 1,
+                          per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.k,
+                          learning_rate=1e-9, report_to="none", save_strategy="no", logging_strategy="no",
+                          disable_tqdm=True, batch_sampler=sequential, use_cpu=not torch.cuda.is_available())
+        trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=train, loss=losses[name],
+                                             callbacks=[timer])
+        trainer.train()
+        return timer.times[1:]  # the first step warms up
+
+    names = list(losses)
+    times = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(statistics.median(run(name)))
+        print(f"round {r}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+    median = {n: statistics.median(v) for n, v in times.items()}
+    paired = {n: statistics.median(a / b for a, b in zip(times[n], times["MNRL"])) for n in names}
+    result = {"batch_size": args.batch_size, "k": args.k, "memory_bank_size": args.memory_bank_size,
+              "mini_batch_size": args.mini_batch_size, "max_seq_length": 32, "steps_per_run": args.steps,
+              "rounds": args.rounds, "device": str(model.device), "threads": torch.get_num_threads(),
+              "cpu": platform.processor() or platform.machine(), "seconds_per_step": times,
+              "median_seconds_per_step": median, "median_paired_ratio_to_mnrl": paired}
+    print(json.dumps({"median_seconds_per_step": median, "median_paired_ratio_to_mnrl": paired}, indent=1))
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, args.output + ".png")
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["median_seconds_per_step"])
+    values = [result["median_seconds_per_step"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    bars = ax.barh(names[::-1], values[::-1], color=["#888" if "MNRL" in n else "#2a7" for n in names[::-1]])
+    for bar, name in zip(bars, names[::-1]):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                f" {result['median_paired_ratio_to_mnrl'][name]:.3f}x MNRL", va="center")
+    ax.set_xlabel("seconds per optimizer step (median)")
+    ax.set_title(f"SentenceTransformerTrainer, MiniLM-L6, {result['batch_size']} x {result['k']} pairs per step, "
+                 f"{result['device']}", fontsize=9)
+    ax.set_xlim(0, max(values) * 1.35)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
