@@ -94,7 +94,7 @@ def test_sentence_transformers_example_trains_checkpoints_and_resumes(tmp_path, 
     common = ["--model", str(tiny_checkpoint), "--output_dir", str(tmp_path / "out"), "--batch_size", "4",
               "--gradient_accumulation_steps", "2", "--memory_bank_size", "8", "--max_train", "64",
               "--eval_queries", "20", "--corpus_size", "100", "--mini_batch_size", "3"]
-    before, after = module.main(common + ["--max_steps", "2"])
+    _, after = module.main(common + ["--max_steps", "2"])
     assert "wordnet_cosine_ndcg@10" in after and 0 <= after["wordnet_cosine_ndcg@10"] <= 1
     assert (tmp_path / "out" / "checkpoint-2" / "contaccum_bank_rank0.pt").exists()
     assert not any("contaccum_bank" in f for f in os.listdir(tmp_path / "out" / "final"))

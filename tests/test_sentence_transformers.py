@@ -8,11 +8,15 @@ import torch
 from conftest import make_tokenizer, tiny_bert_config, toy_rows, trainer_args
 
 st = pytest.importorskip("sentence_transformers")
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer  # noqa: E402
-from sentence_transformers.util import cos_sim, dot_score, manhattan_sim  # noqa: E402
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+from sentence_transformers.util import cos_sim, dot_score, manhattan_sim
 
-from hf_contaccum import BiEncoder, ContAccumTrainer  # noqa: E402
-from hf_contaccum.sentence_transformers import ContAccumBankCallback, ContAccumLoss, token_keys  # noqa: E402
+from hf_contaccum import BiEncoder, ContAccumTrainer
+from hf_contaccum.sentence_transformers import (
+    ContAccumBankCallback,
+    ContAccumLoss,
+    token_keys,
+)
 
 try:
     from sentence_transformers.sentence_transformer.losses import (
@@ -21,7 +25,10 @@ try:
     )
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 except ImportError:  # sentence-transformers < 6
-    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+    from sentence_transformers.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
     from sentence_transformers.models import Pooling, Transformer
 
 
