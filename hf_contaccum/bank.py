@@ -58,10 +58,11 @@ class MemoryBank:
         batch_h = 0 if hard_negatives is None else hard_negatives.shape[1]
         if self.queries is None:
             self._allocate(queries.shape[1], queries.dtype, queries.device, batch_h)
-        if batch_h < self.num_hard_negatives:
+        if self.keep_hard_negatives and batch_h != self.num_hard_negatives:  # fixed by the first batch, either way
             raise ValueError(
-                f"this bank keeps {self.num_hard_negatives} hard negatives per entry but the batch has {batch_h}; "
-                "give every example the same number of hard negatives or set bank_hard_negatives=False"
+                f"this bank keeps {self.num_hard_negatives} hard negatives per entry (the first batch's number) but "
+                f"this batch has {batch_h}; give every example the same number of hard negatives (max_hard_negatives "
+                "can cut them to a common number) or set bank_hard_negatives=False"
             )
         if n > self.capacity:  # only the newest `capacity` rows survive a FIFO of that size
             newest = slice(n - self.capacity, n)

@@ -29,6 +29,14 @@ def text_key(value) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+class BadRow(ValueError):
+    """A row that cannot be trained on: which column, what is wrong, and the fix."""
+
+    def __init__(self, where: str, column: str, problem: str, fix: str):
+        super().__init__(f"{where}, column {column!r}: {problem}. Fix: {fix}")
+        self.column, self.problem, self.fix = column, problem, fix
+
+
 @dataclass(frozen=True)
 class ColumnMap:
     query: str
@@ -37,43 +45,53 @@ class ColumnMap:
     negative_list: str | None
 
     @classmethod
-    def from_columns(cls, columns) -> ColumnMap:
+    def from_columns(cls, columns, name: str = "training data") -> ColumnMap:
         columns = list(columns)
         query = next((c for c in QUERY_COLUMNS if c in columns), None)
         positive = next((c for c in POSITIVE_COLUMNS if c in columns), None)
-        missing = [name for name, found in (("query", query), ("positive", positive)) if found is None]
+        missing = [role for role, found in (("query", query), ("positive", positive)) if found is None]
         if missing:
             raise ValueError(
-                f"training data has columns {columns} but no {' and no '.join(missing)} column: name the query "
+                f"{name} has columns {columns} but no {' and no '.join(missing)} column: name the query "
                 f"column one of {QUERY_COLUMNS} and the positive passage column one of {POSITIVE_COLUMNS} "
-                "(e.g. dataset.rename_column('question', 'query')); hard negatives go in 'negative', "
+                "(e.g. dataset.rename_column('question_text', 'query')); hard negatives go in 'negative', "
                 "'negative_1', ... or a list column 'negatives'"
             )
         negatives = tuple(sorted((c for c in columns if _NEGATIVE.match(c)), key=lambda c: (len(c), c)))
         negative_list = next((c for c in NEGATIVE_LIST_COLUMNS if c in columns), None)
         if negatives and negative_list:
-            raise ValueError(f"hard negatives given twice: in {negatives} and in the list column {negative_list!r}; keep one")
+            raise ValueError(f"{name}: hard negatives given twice, in {negatives} and in the list column "
+                             f"{negative_list!r}; keep one")
         return cls(query, positive, negatives, negative_list)
 
-    def texts(self, row: dict, index: int):
-        """(query, positive, [negatives], positive_key, [negative_keys]) of one row, validated."""
-        negs = list(row[self.negative_list]) if self.negative_list else [row[c] for c in self.negatives]
-        for name, value in [(self.query, row[self.query]), (self.positive, row[self.positive])] + [
-            ("negative", v) for v in negs
-        ]:
-            if not isinstance(value, str):
-                raise ValueError(  # noqa: TRY004 -- one error type for every bad-row problem
-                    f"batch row {index}: column {name!r} holds {type(value).__name__} {value!r}, expected a "
-                    "string; convert or filter these rows (dataset.filter / dataset.map) before training")
-            if not value.strip():
-                raise ValueError(f"batch row {index}: column {name!r} is empty; remove empty texts before training "
-                                 "(e.g. dataset.filter(lambda r: r['%s'].strip()))" % name)
-        pos_key = text_key(row["positive_id"]) if "positive_id" in row else text_key(row[self.positive])
+    @property
+    def negative_columns(self) -> tuple:
+        return (self.negative_list,) if self.negative_list else self.negatives
+
+    def texts(self, row: dict, index, max_hard_negatives: int | None = None):
+        """(query, positive, [negatives], positive_key, [negative_keys]) of one row, validated.
+
+        A missing hard negative (None in a negative_N column) is not there: the row has fewer;
+        max_hard_negatives keeps the first ones."""
+        where = index if isinstance(index, str) else f"row {index}"
         if self.negative_list:
-            neg_keys = [text_key(v) for v in negs]
+            negs = [(self.negative_list, v, None) for v in (row[self.negative_list] or [])]
         else:
-            neg_keys = [text_key(row[f"{c}_id"]) if f"{c}_id" in row else text_key(row[c]) for c in self.negatives]
-        return row[self.query], row[self.positive], negs, pos_key, neg_keys
+            negs = [(c, row[c], row.get(f"{c}_id")) for c in self.negatives if row.get(c) is not None]
+        negs = negs[:max_hard_negatives] if max_hard_negatives is not None else negs
+        for column, value in [(self.query, row[self.query]), (self.positive, row[self.positive])] + [
+                (c, v) for c, v, _ in negs]:
+            fix = (f"remove or repair these rows first, e.g. dataset.filter(lambda r: isinstance(r[{column!r}], str)"
+                   f" and r[{column!r}].strip())")
+            if value is None:
+                raise BadRow(where, column, "is missing (null)", fix)
+            if not isinstance(value, str):
+                raise BadRow(where, column, f"holds {type(value).__name__} {value!r}, expected text", fix)
+            if not value.strip():
+                raise BadRow(where, column, "is empty", fix)
+        pos_key = text_key(row["positive_id"]) if row.get("positive_id") is not None else text_key(row[self.positive])
+        neg_keys = [text_key(i) if i is not None else text_key(v) for _, v, i in negs]
+        return row[self.query], row[self.positive], [v for _, v, _ in negs], pos_key, neg_keys
 
 
 TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
@@ -94,7 +112,11 @@ def split_passages(passages, hard_negative_keys):
 
 
 class ContrastiveCollator:
-    """Tokenises (query, positive, hard negatives) rows on the fly, into the batch layout above."""
+    """Tokenises (query, positive, hard negatives) rows on the fly, into the batch layout above.
+
+    Every row of a batch must have the same number of hard negatives (after max_hard_negatives);
+    training data is checked for that up front (validation.check_dataset), and a bank that
+    keeps hard negatives holds the number of its first batch to every later one."""
 
     def __init__(self, tokenizer, query_max_length: int = 64, passage_max_length: int = 256,
                  max_hard_negatives: int | None = None):
@@ -113,18 +135,18 @@ class ContrastiveCollator:
             raise ValueError("empty batch")
         if self._columns is None:
             self._columns = ColumnMap.from_columns(rows[0].keys())
-        parsed = [self._columns.texts(r, i) for i, r in enumerate(rows)]
-        num_negs = {len(p[2]) for p in parsed}
-        if len(num_negs) > 1:
-            raise ValueError(f"rows of one batch have different numbers of hard negatives {sorted(num_negs)}: "
-                             "give every row the same number (pad with mined negatives or truncate)")
-        h = num_negs.pop()
-        if self.max_hard_negatives is not None:
-            h = min(h, self.max_hard_negatives)
+        parsed = [self._columns.texts(r, f"batch row {i}", self.max_hard_negatives) for i, r in enumerate(rows)]
+        h = len(parsed[0][2])
+        for i, p in enumerate(parsed):
+            if len(p[2]) != h:
+                raise ValueError(
+                    f"batch row {i} has {len(p[2])} hard negatives, batch row 0 has {h}: give every row the same "
+                    f"number (columns {', '.join(self._columns.negative_columns)}) or set max_hard_negatives to at "
+                    "most the smallest number")
         queries = [p[0] for p in parsed]
-        passages = [p[1] for p in parsed] + [neg for p in parsed for neg in p[2][:h]]
+        passages = [p[1] for p in parsed] + [neg for p in parsed for neg in p[2]]
         batch = self._tokenize(queries, self.query_max_length, "query")
         batch.update(self._tokenize(passages, self.passage_max_length, "passage"))
         batch["passage_keys"] = torch.tensor([p[3] for p in parsed], dtype=torch.long)
-        batch["hard_negative_keys"] = torch.tensor([p[4][:h] for p in parsed], dtype=torch.long).view(len(rows), h)
+        batch["hard_negative_keys"] = torch.tensor([p[4] for p in parsed], dtype=torch.long).view(len(rows), h)
         return batch

@@ -102,6 +102,9 @@ class ContAccumLoss(nn.Module):
         if hard_negatives is not None and hard_negatives.shape[1] == 0:
             hard_negatives = hard_negative_keys = None
         _check_inputs(queries, positives, positive_keys, hard_negatives, hard_negative_keys)
+        # hooks go on per-call aliases: a hook on a leaf the caller reuses would stay and pile up
+        queries, positives, hard_negatives = (t.view_as(t) if t is not None and t.requires_grad else t
+                                              for t in (queries, positives, hard_negatives))
         if positive_keys is None:
             positive_keys = self._anonymous_keys((n,), queries.device, rank, size)
         if hard_negatives is not None and hard_negative_keys is None:

@@ -6,17 +6,32 @@ the Trainer needs: compute_loss, the bank in checkpoints, evaluation, logging, t
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from .data import ColumnMap, ContrastiveCollator, side_features, split_passages
+from .data import ContrastiveCollator, side_features, split_passages
 from .gradcache import GradCache
 from .loss import BANK_FILE, ContAccumLoss
 from .model_card import build_model_card
 from .training_args import ContAccumTrainingArguments
+from .validation import check_dataset, checked_stream
+
+logger = logging.getLogger(__name__)
+
+
+def _warn_about_size(num_rows: int, pairs_per_step: int, bank_size: int) -> None:
+    if num_rows < pairs_per_step:
+        logger.warning("train_dataset has %d rows, fewer than one optimizer step takes (%d pairs: batch size x "
+                       "gradient_accumulation_steps x processes): every step repeats or runs short; use more data "
+                       "or a smaller batch", num_rows, pairs_per_step)
+    if bank_size > num_rows:
+        logger.warning("memory_bank_size %d is larger than train_dataset (%d rows): the bank holds every pair, "
+                       "repeats included, and its oldest entries come from the oldest encoder; a bank of about "
+                       "one optimizer step's pairs is the measured default", bank_size, num_rows)
 
 
 class _ResetBankEachStep(TrainerCallback):
@@ -46,12 +61,14 @@ class ContAccumTrainer(Trainer):
             args = ContAccumTrainingArguments(output_dir="contaccum_output")
         if not isinstance(args, ContAccumTrainingArguments):
             raise TypeError("ContAccumTrainer needs ContAccumTrainingArguments (a TrainingArguments subclass)")
-        for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            if ds is not None and getattr(ds, "column_names", None) is not None and not isinstance(ds, dict):
-                try:
-                    ColumnMap.from_columns(ds.column_names)
-                except ValueError as err:
-                    raise ValueError(f"{name}: {err}") from None
+        # the data is checked once, before anything is built (an IterableDataset: row by row as it streams)
+        data_check = None
+        if train_dataset is not None:
+            data_check = check_dataset(train_dataset, "train_dataset", args.max_hard_negatives)
+            if data_check.num_rows is None:
+                train_dataset = checked_stream(train_dataset, "train_dataset", args.max_hard_negatives)
+        if eval_dataset is not None and not isinstance(eval_dataset, dict):
+            check_dataset(eval_dataset, "eval_dataset", args.max_hard_negatives)
         if data_collator is None:
             tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
             if tokenizer is None:
@@ -84,6 +101,9 @@ class ContAccumTrainer(Trainer):
                 f"memory_bank_size={args.passage_bank_size} is smaller than one micro-batch of {micro_batch} pairs: "
                 f"each micro-batch would overwrite the bank before anything reads it. Use memory_bank_size >= "
                 f"{micro_batch} (about N_total, the pairs of one optimizer step, is a good start) or 0")
+        if data_check is not None and data_check.num_rows is not None:
+            _warn_about_size(data_check.num_rows, micro_batch * args.gradient_accumulation_steps,
+                             args.passage_bank_size)
         self.contrastive_loss = ContAccumLoss(
             args.passage_bank_size, args.temperature, args.similarity, query_bank_size=args.query_bank_size,
             bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives,

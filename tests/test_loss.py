@@ -98,3 +98,27 @@ def test_bad_configuration_errors():
         ContAccumLoss(8)(torch.randn(4, 3), torch.randn(4, 3), hard_negatives=torch.randn(4, 3))
     with pytest.raises(ValueError, match="one positive per query"):
         ContAccumLoss(8)(torch.randn(4, 3), torch.randn(5, 3))
+
+
+def test_enqueue_waits_for_the_backward_and_hooks_do_not_pile_up():
+    """The bank is read in place: the micro-batch joins it only once the backward has used it;
+    eval mode or no grad neither reads nor writes it; hooks never stay on the caller's tensors."""
+    q, p = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    loss_fn = ContAccumLoss(8)
+    loss_fn.enqueue(torch.randn(4, 8), torch.randn(4, 8), torch.arange(100, 104))
+    loss = loss_fn(q, p, torch.arange(4))
+    assert loss_fn.bank.num_enqueued == 4
+    loss.backward()
+    assert loss_fn.bank.num_enqueued == 8 and not q._backward_hooks and not p._backward_hooks
+    with torch.no_grad():
+        loss_fn(q, p, torch.arange(4))
+    loss_fn.eval()
+    loss_fn(q, p, torch.arange(4)).backward()
+    assert loss_fn.bank.num_enqueued == 8
+    assert loss_fn.pop_log_stats()["negatives_per_query"] == 7.0  # one training micro-batch: 4 + 4 banked - 1
+    # the contract: backward before the next micro-batch's forward. Breaking it is loud, never silent:
+    loss_fn.train()
+    first, second = loss_fn(q, p, torch.arange(4)), loss_fn(q, p, torch.arange(4))
+    first.backward()  # enqueues into the bank that `second` read in place
+    with pytest.raises(RuntimeError, match="inplace"):
+        second.backward()

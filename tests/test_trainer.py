@@ -136,17 +136,19 @@ def test_missing_and_misnamed_columns(tmp_path, tokenizer):
         ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path), train_dataset=ds, processing_class=tokenizer)
 
 
-@pytest.mark.parametrize("bad, match", [("", "is empty"), (None, "expected a string"), (3, "expected a string")])
-def test_bad_texts(tmp_path, tokenizer, bad, match):
+@pytest.mark.parametrize("bad, match", [("", "is empty"), ("   ", "is empty"), (None, r"is missing \(null\)"),
+                                        (3, "holds int 3, expected text")])
+def test_bad_texts_are_found_before_training(tmp_path, tokenizer, bad, match):
+    """Found at construction, with the dataset row (not the batch row), the column, the count and the fix."""
     from datasets import Dataset
 
-    rows = toy_rows(8)
-    rows[5]["positive"] = bad
+    rows = toy_rows(30)
+    rows[5]["positive"] = rows[25]["positive"] = bad
     ds = Dataset.from_list(rows) if not isinstance(bad, int) else rows  # arrow cannot mix int and str
-    trainer = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path, max_steps=1), train_dataset=ds,
-                               processing_class=tokenizer)
-    with pytest.raises(ValueError, match=f"batch row 1: column 'positive'.*{match}"):
-        trainer.train()
+    with pytest.raises(ValueError, match=f"train_dataset row 5, column 'positive': {match} "
+                                         r"\(2 rows affected, e.g. rows 5, 25\). Fix: .*dataset.filter"):
+        ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path, max_steps=1), train_dataset=ds,
+                         processing_class=tokenizer)
 
 
 def test_negative_bank_size_is_refused(tmp_path):
