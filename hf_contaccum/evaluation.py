@@ -7,12 +7,16 @@ documents, as trec_eval's map_cut) and Top-k accuracy (DPR's metric: any relevan
 """
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 
 METRICS = ("ndcg", "recall", "mrr", "map", "accuracy")
+# the same metrics as an `evaluate` module: evaluate.load(RETRIEVAL_METRICS)
+RETRIEVAL_METRICS = str(Path(__file__).parent / "resources" / "retrieval_metrics.py")
 
 
 def rank_run(run: dict) -> dict:
@@ -50,6 +54,8 @@ def compute_metrics(ranked: dict, qrels: dict, k_values=(1, 10, 100)) -> dict:
 
 
 def _faiss_search(queries: np.ndarray, passages: np.ndarray, k: int):
+    # faiss logs at INFO that it could not load its AVX2/AVX512 build: noise, not an error
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 
     index = faiss.IndexFlatIP(passages.shape[1])

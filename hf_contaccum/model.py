@@ -21,6 +21,8 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
+from .model_card import model_name_for_card
+
 POOLINGS = ("cls", "mean")
 SIMILARITIES = {"dot": "dot", "cos": "cosine"}  # ours -> sentence-transformers' similarity_fn_name
 
@@ -83,7 +85,7 @@ class BiEncoder(PreTrainedModel):
         query = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
         passage = None if shared else AutoModel.from_pretrained(name_or_path, **hub_kwargs)
         config = BiEncoderConfig(query.config, shared=shared, pooling=pooling, normalize=normalize,
-                                 base_model_name=str(name_or_path))
+                                 base_model_name=model_name_for_card(name_or_path))  # never a local path
         model = cls(config, query_encoder=query, passage_encoder=passage)
         model.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
         return model

@@ -1,6 +1,8 @@
 """Model cards for retrievers trained with ContAccumTrainer (written to README.md)."""
 from __future__ import annotations
 
+import os
+import re
 import statistics
 
 CONTACCUM_BIBTEX = """@inproceedings{kim2024contaccum,
@@ -39,6 +41,30 @@ def _versions():
             "tokenizers": tokenizers.__version__}
 
 
+def model_name_for_card(name_or_path) -> str | None:
+    """A hub id or model name for the card's base_model, never a local path.
+
+    A hub id stays as it is. For a local folder: the hub id its own README's usage snippet loads
+    (when it matches the README's title), else that title, else the folder's name."""
+    if name_or_path is None:
+        return None
+    name_or_path = str(name_or_path)
+    if not os.path.isdir(name_or_path):
+        return name_or_path
+    title, ids = None, []
+    readme = os.path.join(name_or_path, "README.md")
+    if os.path.exists(readme):
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        body = text.split("---", 2)[-1] if text.startswith("---") else text
+        title = next((line[2:].strip() for line in body.splitlines() if line.startswith("# ")), None)
+        ids = re.findall(r"""(?:from_pretrained|SentenceTransformer)\(\s*['"]([\w.-]+/[\w.-]+)['"]""", text)
+    for hub_id in ids:
+        if title and hub_id.split("/")[-1] == title:
+            return hub_id
+    return title or os.path.basename(os.path.normpath(name_or_path))
+
+
 def _yaml_list(name, values):
     values = [v for v in (values or []) if v]
     return [f"{name}:"] + [f"- {v}" for v in values] if values else []
@@ -57,7 +83,10 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
     latest_eval = {}
     for h in evals:
         latest_eval.update({key: v for key, v in h.items() if key.startswith("eval_") and not key.endswith(_SKIP_EVAL)})
-    base_model = base_model or getattr(model.config, "base_model_name", None)
+    base_model = model_name_for_card(base_model or getattr(model.config, "base_model_name", None))
+    h = getattr(trainer, "num_hard_negatives", 0) or 0
+    h_bank = h if args.bank_hard_negatives else 0
+    full_bank_negatives = n_local * world * (1 + h) + args.passage_bank_size * (1 + h_bank) - 1
     name = model_name or trainer.hub_model_id or "contaccum-retriever"
     tags = ["dense-retrieval", "contaccum", "hf_contaccum", "feature-extraction"] + list(tags or [])
 
@@ -80,8 +109,8 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
               f"| processes | {args.world_size} |",
               f"| N_total (pairs per optimizer step) | {n_total} |",
               f"| N_mem (query bank / passage bank) | {args.query_bank_size} / {args.passage_bank_size} |",
-              f"| negatives per query (mean over logged steps) | "
-              f"{statistics.mean(negatives):.1f} |" if negatives else "| negatives per query | n/a |",
+              f"| negatives per query (mean over logged steps) | {statistics.mean(negatives):.1f} |" if negatives
+              else f"| negatives per query (once the bank is full) | {full_bank_negatives} |",
               f"| temperature | {args.temperature} |",
               f"| similarity | {args.similarity} |",
               (f"| towers | {'shared' if model.config.shared else 'separate'}, {model.config.pooling} pooling"
@@ -96,6 +125,8 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
         lines += [("GradNormRatio (passage-side over query-side gradient norm at the embeddings; near 1 means "
                    f"balanced towers): mean {statistics.mean(ratios):.3f}, min {min(ratios):.3f}, "
                    f"max {max(ratios):.3f}, last {ratios[-1]:.3f} over {len(ratios)} logged steps."), ""]
+    else:
+        lines += ["GradNormRatio: not measured (no logging step ran; lower logging_steps to record it).", ""]
     if latest_eval:
         lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {key[5:]} | {value:.4f} |" for key, value in sorted(latest_eval.items())

@@ -101,6 +101,7 @@ class ContAccumTrainer(Trainer):
                 f"memory_bank_size={args.passage_bank_size} is smaller than one micro-batch of {micro_batch} pairs: "
                 f"each micro-batch would overwrite the bank before anything reads it. Use memory_bank_size >= "
                 f"{micro_batch} (about N_total, the pairs of one optimizer step, is a good start) or 0")
+        self.num_hard_negatives = data_check.num_hard_negatives if data_check is not None else None
         if data_check is not None and data_check.num_rows is not None:
             _warn_about_size(data_check.num_rows, micro_batch * args.gradient_accumulation_steps,
                              args.passage_bank_size)

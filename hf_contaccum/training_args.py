@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 
@@ -46,9 +47,14 @@ class ContAccumTrainingArguments(TrainingArguments):
         "the work to refresh a block after an enqueue (N_mem*chunk*d flops). Rarely worth changing.")})
     remove_unused_columns: bool = field(default=False, metadata={"help": (
         "Kept False: the collator needs the raw text columns.")})
+    logging_steps: float = field(default=0.05, metadata={"help": (
+        "Log every N optimizer steps, or, below 1, every such fraction of the run. Default 0.05: 20 log lines "
+        "per run, and every step of a short run, so the loss and the bank statistics always show.")})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataloader_pin_memory and not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs a GPU; on a CPU it only prints a warning
         for name in ("memory_bank_size", "query_memory_bank_size", "passage_memory_bank_size"):
             value = getattr(self, name)
             if value is not None and value < 0:

