@@ -154,7 +154,10 @@ class BankLogsumexp:
 
     ROW_BLOCK = 512  # rows per matmul when rebuilding, to bound temporary memory
 
-    def __init__(self, chunk_size: int = 16):
+    MIN_CHUNK = 16
+
+    def __init__(self, chunk_size: int | None = None):
+        self.requested_chunk_size = chunk_size  # None: the smallest chunk that keeps the cache within the bank's size
         self.chunk_size = chunk_size
         self.chunk_lse: torch.Tensor | None = None  # (capacity, num_chunks), fp32
         self.group_lse: torch.Tensor | None = None  # (capacity, num_groups), fp32
@@ -192,6 +195,7 @@ class BankLogsumexp:
     def update(self, bank: MemoryBank, written: torch.Tensor, temperature: float, mask: bool) -> None:
         device = bank.queries.device
         if self.stale:  # first use, reset or resume: rebuild from the bank itself
+            self.chunk_size = self.requested_chunk_size or self.auto_chunk_size(bank.capacity, bank.queries.shape[1])
             num_chunks = -(-bank.capacity // self.chunk_size)
             self.group_size = max(1, int(num_chunks ** 0.5))
             self.chunk_lse = torch.full((bank.capacity, num_chunks), NEG_INF, device=device)
@@ -212,6 +216,16 @@ class BankLogsumexp:
         for group in torch.unique(written // (c * g)).tolist():
             self.group_lse[valid, group] = self.chunk_lse[valid, group * g:(group + 1) * g].logsumexp(-1)
 
+    @classmethod
+    def auto_chunk_size(cls, capacity: int, dim: int) -> int:
+        """Chunks of at least N_mem / d slots: the cache then holds at most d + sqrt(d) floats per banked row,
+        below the 2d of the row's own query and passage vectors, at any bank size. The price: an enqueue
+        refreshes (N_local + chunk) x N_mem x d instead of (N_local + 16) x N_mem x d."""
+        return max(cls.MIN_CHUNK, -(-capacity // max(dim, 1)))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.chunk_lse, self.group_lse) if t is not None)
+
     def row_lse(self, rows) -> torch.Tensor:
         return self.group_lse[rows].logsumexp(-1)
 
@@ -229,6 +243,9 @@ class BankLogsumexp:
                 "chunk_lse": self.chunk_lse.cpu(), "group_lse": self.group_lse.cpu()}
 
     def load_state_dict(self, state: dict | None) -> None:
-        self.stale = state is None or state["chunk_size"] != self.chunk_size
+        fits = state is not None and self.requested_chunk_size in (None, state["chunk_size"])
+        self.stale = not fits
+        if fits:
+            self.chunk_size = state["chunk_size"]
         if not self.stale:
             self.group_size, self.chunk_lse, self.group_lse = state["group_size"], state["chunk_lse"], state["group_lse"]

@@ -51,7 +51,8 @@ class ContAccumLoss(nn.Module):
             positive itself) is never a negative.
         gather_across_devices: with several processes, share every micro-batch (passages with
             gradient), so the bank is one global pool, identical on every rank.
-        bank_chunk_size: bank slots per cached log-sum-exp block (advanced).
+        bank_chunk_size: bank slots per cached log-sum-exp block (advanced; default: max(16, N_mem / d), which
+            keeps the cache below the bank vectors' own size at any N_mem).
 
     Call it in train mode under autograd on (queries (n, d), positives (n, d), positive keys (n,),
     hard negatives (n, H, d), their keys (n, H)); it returns the mean loss over the
@@ -61,7 +62,8 @@ class ContAccumLoss(nn.Module):
 
     def __init__(self, memory_bank_size: int = 0, temperature: float = 1.0, similarity: str = "dot", *,
                  query_bank_size: int | None = None, bank_hard_negatives: bool = False,
-                 mask_false_negatives: bool = True, gather_across_devices: bool = False, bank_chunk_size: int = 16):
+                 mask_false_negatives: bool = True, gather_across_devices: bool = False,
+                 bank_chunk_size: int | None = None):
         super().__init__()
         query_bank_size = memory_bank_size if query_bank_size is None else query_bank_size
         if query_bank_size < 0 or memory_bank_size < 0:

@@ -81,7 +81,7 @@ class ContAccumLoss(nn.Module):
     def __init__(self, model, memory_bank_size: int = 0, scale: float = 20.0, similarity_fct=cos_sim,
                  mini_batch_size: int | None = None, gather_across_devices: bool = False,
                  query_memory_bank_size: int | None = None, bank_hard_negatives: bool = False,
-                 mask_false_negatives: bool = True, bank_chunk_size: int = 16):
+                 mask_false_negatives: bool = True, bank_chunk_size: int | None = None):
         super().__init__()
         if similarity_fct not in SIMILARITIES:
             raise ValueError(f"similarity_fct must be sentence_transformers.util.cos_sim or dot_score, got "

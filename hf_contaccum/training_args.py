@@ -42,9 +42,10 @@ class ContAccumTrainingArguments(TrainingArguments):
     passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
     max_hard_negatives: int | None = field(default=None, metadata={"help": (
         "Use at most this many hard negatives per query from the data (default: all).")})
-    bank_chunk_size: int = field(default=16, metadata={"help": (
-        "Bank slots per cached log-sum-exp block (advanced). Trades cache memory (N_mem^2/chunk floats) against "
-        "the work to refresh a block after an enqueue (N_mem*chunk*d flops). Rarely worth changing.")})
+    bank_chunk_size: int | None = field(default=None, metadata={"help": (
+        "Bank slots per cached log-sum-exp block (advanced). Default: max(16, N_mem / d), which keeps the cache "
+        "(N_mem^2/chunk floats) below the bank vectors' own size at any N_mem; a smaller chunk makes an enqueue "
+        "cheaper (it refreshes (N_local + chunk) x N_mem x d) for more cache memory.")})
     remove_unused_columns: bool = field(default=False, metadata={"help": (
         "Kept False: the collator needs the raw text columns.")})
     logging_steps: float = field(default=0.05, metadata={"help": (
@@ -66,7 +67,7 @@ class ContAccumTrainingArguments(TrainingArguments):
         if self.gradcache_chunk_size is not None and self.gradcache_chunk_size < 1:
             raise ValueError(f"gradcache_chunk_size must be >= 1 query per chunk (or None to disable), got "
                              f"{self.gradcache_chunk_size}")
-        if self.bank_chunk_size < 1:
+        if self.bank_chunk_size is not None and self.bank_chunk_size < 1:
             raise ValueError(f"bank_chunk_size must be >= 1, got {self.bank_chunk_size}")
         if self.query_bank_size > self.passage_bank_size:
             raise ValueError(

@@ -101,3 +101,31 @@ def test_bounded_memory_over_2000_micro_steps():
     assert loss_fn.bank.fill == 4096 and loss_fn.bank.queries.shape == (4096, d)
     assert loss_fn.bank.num_enqueued == 2000 * n
     assert max(rss) <= rss[0] * 1.05, rss
+
+
+@pytest.mark.parametrize("capacity, dim", [(4096, 384), (16384, 8), (1000, 4)])
+def test_log_sum_exp_cache_never_exceeds_the_bank_vectors(capacity, dim):
+    """The default chunk grows with N_mem / d: the cache stays below the bank's own 2 x N_mem x d floats
+    (with fixed chunks of 16 it grows as N_mem^2 / 16: 67 MB against 1 MB of vectors at 16384 x 8)."""
+    loss_fn = ContAccumLoss(capacity)
+    vectors = torch.nn.functional.normalize(torch.randn(capacity, dim), dim=-1)
+    loss_fn.enqueue(vectors, vectors, torch.arange(capacity))
+    loss_fn.bank_lse.update(loss_fn.bank, torch.empty(0, dtype=torch.long), 1.0, True)
+    assert 0 < loss_fn.bank_lse.nbytes() <= 2 * capacity * dim * 4
+
+
+def test_automatic_chunk_matches_the_equations():
+    from reference import naive_contaccum_loss
+
+    torch.manual_seed(3)
+    d, n, m = 2, 4, 40  # chunk = max(16, 40 / 2) = 20: two chunks
+    loss_fn = ContAccumLoss(m, 0.5, mask_false_negatives=False)
+    for _ in range(15):  # fills and wraps around
+        q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
+        f = loss_fn.bank.fill
+        bq = loss_fn.bank.queries[:f].clone() if f else torch.zeros(0, d)
+        bp = loss_fn.bank.passages[:f].clone() if f else torch.zeros(0, d)
+        loss = loss_fn(q, p, torch.arange(n))
+        assert torch.allclose(loss, naive_contaccum_loss(q, p, None, bq, bp, None, 0.5), atol=1e-5)
+        loss.backward()
+    assert loss_fn.bank_lse.chunk_size == 20
