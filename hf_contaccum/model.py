@@ -72,6 +72,17 @@ class BiEncoder(PreTrainedModel):
                                     else _encoder_from_config(config.encoder_config))
         self.tokenizer = None
         self.post_init()
+        self._freeze_unused_poolers()
+
+    def _freeze_unused_poolers(self):
+        """A tower's own pooler (BERT's dense+tanh on [CLS]) is never used: we pool the hidden states.
+        Left trainable, it gets no gradient, which FSDP and DeepSpeed checkpoints cannot handle (a
+        trainable parameter without optimizer state); frozen, it stays in the weights for AutoModel."""
+        towers = [self.query_encoder] + ([] if self.config.shared else [self.passage_encoder])
+        for tower in towers:
+            pooler = getattr(tower, "pooler", None)
+            if isinstance(pooler, torch.nn.Module):
+                pooler.requires_grad_(False)
 
     def _init_weights(self, module):
         # towers are initialised by their own classes (or loaded); nothing to add here
@@ -109,16 +120,22 @@ class BiEncoder(PreTrainedModel):
         query_encoder/ (and passage_encoder/), loadable with AutoModel, and, for a shared
         tower, the module files that make the folder a sentence-transformers model.
         The towers' weights are thus stored twice: the price of loading everywhere."""
+        towers = {"query_encoder": self.query_encoder}
+        if not self.config.shared:
+            towers["passage_encoder"] = self.passage_encoder
+        # Under FSDP/DeepSpeed the Trainer passes the gathered state dict: the towers are saved from it, not
+        # from their shards. Split it first: transformers' save_pretrained empties the dict it is given.
+        full_state = kwargs.get("state_dict")
+        tower_states = {name: None if full_state is None else {
+            key[len(name) + 1:]: value for key, value in full_state.items() if key.startswith(name + ".")}
+            for name in towers}
         super().save_pretrained(save_directory, *args, **kwargs)
         if not kwargs.get("is_main_process", True):
             return
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
-        towers = {"query_encoder": self.query_encoder}
-        if not self.config.shared:
-            towers["passage_encoder"] = self.passage_encoder
         for name, tower in towers.items():
-            tower.save_pretrained(os.path.join(save_directory, name))
+            tower.save_pretrained(os.path.join(save_directory, name), state_dict=tower_states[name])
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(os.path.join(save_directory, name))
         if self.config.shared:
@@ -150,6 +167,14 @@ class BiEncoder(PreTrainedModel):
         if self.config.similarity == "cos":
             queries, passages = F.normalize(queries, dim=-1), F.normalize(passages, dim=-1)
         return queries @ passages.T
+
+    def get_input_embeddings(self):
+        """The query tower's token embeddings (FSDP and resize_token_embeddings look for them)."""
+        return self.query_encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        """Sets the query tower's (= the shared tower's) token embeddings; a separate passage tower keeps its own."""
+        self.query_encoder.set_input_embeddings(value)
 
     @property
     def passage_tower(self):

@@ -138,3 +138,31 @@ def test_saved_model_scores_with_its_training_similarity(tmp_path, tokenizer, to
     if similarity == "cos" and not normalize:  # the case that used to be scored with the dot product
         raw = reloaded.encode_queries(queries) @ reloaded.encode_passages(passages).T
         assert not torch.allclose(raw, ours, atol=1e-3)
+
+
+def test_towers_are_saved_from_the_gathered_state_dict(tmp_path, tokenizer):
+    """Under FSDP the Trainer passes the gathered full state dict: the tower folders must hold it too."""
+    from transformers import AutoModel
+
+    model = tiny_model(shared=False)
+    model.tokenizer = tokenizer
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "saved", state_dict=state)
+    for tower in ("query_encoder", "passage_encoder"):
+        saved = AutoModel.from_pretrained(tmp_path / "saved", subfolder=tower).state_dict()
+        live = getattr(model, tower).state_dict()
+        name = "embeddings.word_embeddings.weight"
+        assert torch.equal(saved[name], live[name] + 1.0), tower
+    assert model.get_input_embeddings() is model.query_encoder.get_input_embeddings()
+
+
+def test_every_trainable_parameter_gets_a_gradient(tmp_path, tokenizer, toy_dataset):
+    """No trainable parameter that the forward never uses (FSDP/DeepSpeed resume needs its optimizer state)."""
+    for shared, pooling in [(True, "mean"), (False, "cls")]:
+        model = tiny_model(shared=shared, pooling=pooling)
+        args = trainer_args(tmp_path, max_steps=1, gradient_accumulation_steps=1, learning_rate=0.0)
+        trainer = ContAccumTrainer(model=model, args=args, train_dataset=toy_dataset(8), processing_class=tokenizer)
+        batch = trainer._prepare_inputs(trainer.data_collator(list(toy_dataset(4))))
+        trainer.compute_loss(model, batch).backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing and any("pooler" in n for n, p in model.named_parameters() if not p.requires_grad)
