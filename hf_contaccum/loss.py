@@ -27,6 +27,11 @@ from .bank import NEG_INF, BankLogsumexp, MemoryBank, bank_columns
 from .gather import check_equal_shapes, gather_with_grad, gather_without_grad, world
 
 SIMILARITIES = ("dot", "cos")
+COLLAPSE_SPREAD = 1e-4  # total variance of unit vectors below which a batch counts as collapsed (random: ~1)
+
+
+class EmbeddingCollapseError(RuntimeError):
+    """Every embedding became the same vector: training cannot recover by itself."""
 BANK_FILE = "contaccum_bank_rank{rank}.pt"
 
 
@@ -86,7 +91,9 @@ class ContAccumLoss(nn.Module):
         self.last_stats: LossStats | None = None
         self.restored_step = None  # the global_step saved with the last checkpoint loaded
         self._anonymous_keys_used = 0
-        self._sums: dict = {}
+        self._sums: dict = {}  # logging statistics, since the last log line
+        self._window: dict = {}  # collapse statistics, since the last optimizer step
+        self._collapsed_steps = 0
 
     @property
     def memory_bank_size(self) -> int:
@@ -134,6 +141,7 @@ class ContAccumLoss(nn.Module):
         if training:
             self._sums["micro_batches"] = self._sums.get("micro_batches", 0) + 1
             self._sums["negatives"] = self._sums.get("negatives", 0) + stats.num_columns - 1
+            self._track_spread(queries, positives)
             entry = (q_bank, p_all.detach(), pk_all, None if hn_all is None else hn_all.detach(), hk_all)
             self._enqueue_after_backward(bank_readers, entry)
         return loss
@@ -270,6 +278,36 @@ class ContAccumLoss(nn.Module):
 
         for index, t in enumerate(sides):
             t.register_hook(hook(index))
+
+    def _track_spread(self, queries, positives) -> None:
+        """How far apart the micro-batch's vectors are (total variance of the unit vectors, 0 when all are the
+        same), kept on the device: the collapse guard reads it once per optimizer step."""
+        if queries.shape[0] < 2:
+            return
+        with torch.no_grad():
+            spread = torch.minimum(*(F.normalize(t.detach().float(), dim=-1).var(0, unbiased=False).sum()
+                                     for t in (queries, positives)))
+        self._window["spread"] = self._window.get("spread", 0) + spread
+        self._window["micro_batches"] = self._window.get("micro_batches", 0) + 1
+
+    def check_collapse(self, patience: int, threshold: float = COLLAPSE_SPREAD) -> None:
+        """Call once per optimizer step: raises when the embeddings have been collapsed (every vector the
+        same, so the loss sits at the log of the number of candidates) for `patience` steps in a row."""
+        window, self._window = self._window, {}
+        if patience <= 0 or not window.get("micro_batches"):
+            return
+        spread = float(window["spread"]) / window["micro_batches"]  # one host sync per optimizer step
+        self._collapsed_steps = self._collapsed_steps + 1 if spread < threshold else 0
+        if self._collapsed_steps >= patience:
+            raise EmbeddingCollapseError(
+                f"the embeddings have collapsed: for {self._collapsed_steps} optimizer steps every query and passage "
+                f"vector was the same (spread {spread:.2e} < {threshold:g}), so the loss sits at the log of the "
+                "number of candidates and nothing is learned. Stopped before saving a collapsed checkpoint. Usual "
+                "causes and fixes: a passage-only bank (query_memory_bank_size=0) or a bank much larger than one "
+                "optimizer step (use memory_bank_size about per_device_train_batch_size x "
+                "gradient_accumulation_steps), a learning rate too high (lower it, add warm-up), a temperature too "
+                "low for dot product (use similarity='cos' with temperature 0.05). collapse_patience=0 turns this "
+                "check off.")
 
     def pop_log_stats(self) -> dict:
         """Means since the last call: negatives per query, GradNormRatio; and the bank fill."""

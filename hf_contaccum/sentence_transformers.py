@@ -72,6 +72,8 @@ class ContAccumLoss(nn.Module):
         bank_hard_negatives: also bank the negative_* columns as further candidates.
         mask_false_negatives: a candidate with the same tokens as the anchor's positive is never its
             negative (in the batch or the bank).
+        collapse_patience: with ContAccumBankCallback, stop with an error once every embedding has been the same
+            vector for this many optimizer steps (0: off).
 
     Training updates the bank; evaluation (no grad or model.eval()) neither reads nor writes it.
     Add ContAccumBankCallback(loss) to the trainer so the bank is saved with every checkpoint
@@ -81,7 +83,7 @@ class ContAccumLoss(nn.Module):
     def __init__(self, model, memory_bank_size: int = 0, scale: float = 20.0, similarity_fct=cos_sim,
                  mini_batch_size: int | None = None, gather_across_devices: bool = False,
                  query_memory_bank_size: int | None = None, bank_hard_negatives: bool = False,
-                 mask_false_negatives: bool = True, bank_chunk_size: int | None = None):
+                 mask_false_negatives: bool = True, bank_chunk_size: int | None = None, collapse_patience: int = 10):
         super().__init__()
         if similarity_fct not in SIMILARITIES:
             raise ValueError(f"similarity_fct must be sentence_transformers.util.cos_sim or dot_score, got "
@@ -98,6 +100,7 @@ class ContAccumLoss(nn.Module):
             bank_hard_negatives=bank_hard_negatives, mask_false_negatives=mask_false_negatives,
             gather_across_devices=gather_across_devices, bank_chunk_size=bank_chunk_size)
         self.gradcache = GradCache(mini_batch_size) if mini_batch_size else None
+        self.collapse_patience = collapse_patience
         self.checkpointed = False  # set by ContAccumBankCallback
         self._warned = False
 
@@ -155,7 +158,7 @@ def _embed_call(model, columns: dict) -> dict:
 
 
 class ContAccumBankCallback(TrainerCallback):
-    """Saves the loss's memory bank with every checkpoint (contaccum_bank_rank{r}.pt, one per process)
+    """Stops a collapsed run (see collapse_patience), and saves the loss's memory bank with every checkpoint (contaccum_bank_rank{r}.pt, one per process)
     and restores it when training resumes from that checkpoint, so the resumed run equals the
     uninterrupted one. The checkpoint is found as the Trainer names it: output_dir/checkpoint-<step>
     (what resume_from_checkpoint=True picks), or args.resume_from_checkpoint. From elsewhere, call
@@ -186,6 +189,9 @@ class ContAccumBankCallback(TrainerCallback):
                 f"the memory bank in {directory} was saved at step {self.loss.contaccum.restored_step}, but training "
                 f"resumes at step {state.global_step}: call loss.contaccum.load_checkpoint(<the checkpoint you resume "
                 "from>) before trainer.train(...)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.loss.contaccum.check_collapse(self.loss.collapse_patience)  # before the step's checkpoint
 
     def on_save(self, args, state, control, **kwargs):
         self.loss.contaccum.save_checkpoint(self._checkpoint_dir(args, state), args.process_index,

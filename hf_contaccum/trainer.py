@@ -34,6 +34,16 @@ def _warn_about_size(num_rows: int, pairs_per_step: int, bank_size: int) -> None
                        "one optimizer step's pairs is the measured default", bank_size, num_rows)
 
 
+class _CollapseGuard(TrainerCallback):
+    """Stops training when the embeddings collapse, at the end of the step: before any checkpoint of it."""
+
+    def __init__(self, loss: ContAccumLoss, patience: int):
+        self.loss, self.patience = loss, patience
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.loss.check_collapse(self.patience)
+
+
 class _ResetBankEachStep(TrainerCallback):
     """reset_bank_each_step: empty the bank after every optimizer step (an ablation)."""
 
@@ -110,6 +120,7 @@ class ContAccumTrainer(Trainer):
             bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives,
             gather_across_devices=args.gather_across_devices, bank_chunk_size=args.bank_chunk_size)
         self.gradcache = GradCache(args.gradcache_chunk_size, paired=True) if args.gradcache_chunk_size else None
+        self.add_callback(_CollapseGuard(self.contrastive_loss, args.collapse_patience))
         if args.reset_bank_each_step:
             self.add_callback(_ResetBankEachStep(self.contrastive_loss))
         config = getattr(self.model, "config", None)

@@ -38,6 +38,10 @@ class ContAccumTrainingArguments(TrainingArguments):
         "compute the loss on the detached vectors, then replay each chunk (same dropout) and back-propagate "
         "the cached vector gradients. Exact large local batches at one chunk's activation memory, for a second "
         "forward pass. Combines with memory_bank_size (the hybrid).")})
+    collapse_patience: int = field(default=10, metadata={"help": (
+        "Stop with an error naming causes and fixes when every embedding has been the same vector (collapse: "
+        "the loss sits at the log of the number of candidates) for this many optimizer steps in a row; checked "
+        "before the step's checkpoint is saved. 0 turns the check off.")})
     query_max_length: int = field(default=64, metadata={"help": "Max tokens of a query (longer is truncated)."})
     passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
     max_hard_negatives: int | None = field(default=None, metadata={"help": (

@@ -254,3 +254,17 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, encoder_d
     bank = loss_fn.memory_bank
     assert result["checksums"][0][3:] == [bank.ptr, bank.fill]
     assert result["checksums"][0][0] == pytest.approx(float(bank.queries.double().sum()), rel=1e-5)
+
+
+def test_collapse_guard_in_the_callback(encoder_dir):
+    from hf_contaccum.loss import EmbeddingCollapseError
+
+    loss = ContAccumLoss(st_model(encoder_dir()), memory_bank_size=8, collapse_patience=2)
+    callback = ContAccumBankCallback(loss)
+    same = torch.ones(4, 16, requires_grad=True)
+    for step in range(2):
+        loss.contaccum(same, same.detach() + 0.0, torch.arange(4)).backward()
+        if step == 0:
+            callback.on_step_end(None, None, None)
+    with pytest.raises(EmbeddingCollapseError, match="collapsed: for 2 optimizer steps"):
+        callback.on_step_end(None, None, None)

@@ -1,5 +1,6 @@
 """ContAccumTrainer against independent hand-written training loops, logging, evaluation."""
 import copy
+import os
 
 import pytest
 import torch
@@ -285,3 +286,23 @@ def test_defaults_show_bank_statistics_in_a_short_run_and_skip_cpu_pinning(tmp_p
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3 and all("bank_fill" in h and "negatives_per_query" in h for h in logs)
+
+
+def test_collapse_guard_stops_before_a_collapsed_checkpoint(tmp_path, tokenizer, toy_dataset):
+    """Forced collapse (every embedding the same vector): stopped within 50 steps, before that step's checkpoint."""
+    from hf_contaccum.loss import EmbeddingCollapseError
+
+    class Collapsed(ContAccumTrainer):
+        def embed(self, model, features):
+            out = super().embed(model, features)
+            return {side: v * 0.0 + 1.0 for side, v in out.items()}  # one vector for every text
+
+    args = trainer_args(tmp_path, memory_bank_size=8, max_steps=60, save_strategy="steps", save_steps=5)
+    trainer = Collapsed(model=tiny_model(), args=args, train_dataset=toy_dataset(48), processing_class=tokenizer)
+    with pytest.raises(EmbeddingCollapseError, match="collapsed: for 10 optimizer steps.*memory_bank_size about"):
+        trainer.train()
+    assert trainer.state.global_step == 10
+    checkpoints = os.listdir(tmp_path / "out")
+    assert "checkpoint-5" in checkpoints and "checkpoint-10" not in checkpoints
+    args = trainer_args(tmp_path / "off", memory_bank_size=8, max_steps=12, collapse_patience=0)
+    Collapsed(model=tiny_model(), args=args, train_dataset=toy_dataset(48), processing_class=tokenizer).train()
