@@ -216,7 +216,23 @@ class ContAccumLoss(nn.Module):
         if not readers:  # no graph reads the bank: enqueue now
             self.enqueue(*entry)
             return
-        torch.autograd.graph.register_multi_grad_hook(readers, lambda grads: self.enqueue(*entry))
+
+        def after_backward(grads):
+            if len(grads) == 2 and grads[0] is not None and grads[1] is not None:
+                self._record_grad_norm_ratio(query=grads[0], passage=grads[1])
+            self.enqueue(*entry)
+
+        torch.autograd.graph.register_multi_grad_hook(readers, after_backward)
+
+    def _record_grad_norm_ratio(self, query, passage) -> None:
+        """GradNormRatio (paper §5.5) at the vectors the similarity compares (unit vectors with cosine, raw with
+        dot product): norm of the gradient on the current passages (positives and hard negatives, every loss
+        row counted, banked rows included) over that on the current queries. On unit vectors it does not
+        depend on how long the encoder's raw query and passage vectors are. Summed on the device."""
+        query, passage = query.float().norm(), passage.float().norm()
+        ok = query > 0
+        self._sums["ratio"] = self._sums.get("ratio", 0) + torch.where(ok, passage / query, 0.0)
+        self._sums["ratio_count"] = self._sums.get("ratio_count", 0) + ok.float()
 
     @torch.no_grad()
     def enqueue(self, queries, positives, positive_keys, hard_negatives=None, hard_negative_keys=None) -> None:
@@ -272,8 +288,8 @@ class ContAccumLoss(nn.Module):
                     query = squares[0].sqrt()
                     passage = sum(squares[i] for i in range(1, num_sides)).sqrt()
                     ok = query > 0
-                    self._sums["ratio"] = self._sums.get("ratio", 0) + torch.where(ok, passage / query, 0.0)
-                    self._sums["ratio_count"] = self._sums.get("ratio_count", 0) + ok.float()
+                    self._sums["raw_ratio"] = self._sums.get("raw_ratio", 0) + torch.where(ok, passage / query, 0.0)
+                    self._sums["raw_ratio_count"] = self._sums.get("raw_ratio_count", 0) + ok.float()
             return record
 
         for index, t in enumerate(sides):
@@ -318,6 +334,9 @@ class ContAccumLoss(nn.Module):
         count = float(sums.get("ratio_count", 0))
         if count:
             logs["grad_norm_ratio"] = float(sums["ratio"]) / count
+        count = float(sums.get("raw_ratio_count", 0))
+        if count:
+            logs["grad_norm_ratio_raw"] = float(sums["raw_ratio"]) / count
         return logs
 
     # -- checkpoints ---------------------------------------------------------------------

@@ -121,10 +121,15 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
               f"| optimizer steps | {trainer.state.global_step} |", ""]
     if world > 1:
         lines += [f"The bank was one global pool shared by {world} processes.", ""]
+    towers = [h["grad_norm_ratio_towers"] for h in history if "grad_norm_ratio_towers" in h]
     if ratios:
-        lines += [("GradNormRatio (passage-side over query-side gradient norm at the embeddings; near 1 means "
-                   f"balanced towers): mean {statistics.mean(ratios):.3f}, min {min(ratios):.3f}, "
+        lines += [("GradNormRatio (gradient norm on the current passages over that on the current queries, at the "
+                   "vectors the similarity compares, unit vectors for cosine; about 1 to 1.5 with both banks, 2 and "
+                   f"more with a passage-only bank): mean {statistics.mean(ratios):.3f}, min {min(ratios):.3f}, "
                    f"max {max(ratios):.3f}, last {ratios[-1]:.3f} over {len(ratios)} logged steps."), ""]
+    if towers:
+        lines += [("Tower GradNormRatio (passage tower over query tower parameter-gradient norm, the paper's "
+                   f"definition): mean {statistics.mean(towers):.3f}, last {towers[-1]:.3f}."), ""]
     else:
         lines += ["GradNormRatio: not measured (no logging step ran; lower logging_steps to record it).", ""]
     if latest_eval:

@@ -44,6 +44,30 @@ class _CollapseGuard(TrainerCallback):
         self.loss.check_collapse(self.patience)
 
 
+class _TowerGradNorms(TrainerCallback):
+    """The paper's GradNormRatio for separate towers: the passage tower's parameter-gradient norm over the
+    query tower's, at every optimizer step (after clipping, which scales both alike), summed on the device."""
+
+    def __init__(self):
+        self.sum, self.count = 0.0, 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        def norm(tower):
+            grads = [p.grad.float().pow(2).sum() for p in tower.parameters() if p.grad is not None]
+            return torch.stack(grads).sum().sqrt() if grads else None
+
+        query, passage = norm(model.query_encoder), norm(model.passage_encoder)
+        if query is not None and passage is not None:
+            self.sum = self.sum + passage / query.clamp(min=1e-30)
+            self.count += 1
+
+    def pop(self) -> dict:
+        if not self.count:
+            return {}
+        value, self.sum, self.count = float(self.sum) / self.count, 0.0, 0
+        return {"grad_norm_ratio_towers": value}
+
+
 class _ResetBankEachStep(TrainerCallback):
     """reset_bank_each_step: empty the bank after every optimizer step (an ablation)."""
 
@@ -120,12 +144,17 @@ class ContAccumTrainer(Trainer):
             bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives,
             gather_across_devices=args.gather_across_devices, bank_chunk_size=args.bank_chunk_size)
         self.gradcache = GradCache(args.gradcache_chunk_size, paired=True) if args.gradcache_chunk_size else None
-        self.add_callback(_CollapseGuard(self.contrastive_loss, args.collapse_patience))
-        if args.reset_bank_each_step:
-            self.add_callback(_ResetBankEachStep(self.contrastive_loss))
         config = getattr(self.model, "config", None)
         if config is not None and hasattr(config, "similarity"):
             config.similarity = args.similarity  # the saved model then says how it is scored
+        self.add_callback(_CollapseGuard(self.contrastive_loss, args.collapse_patience))
+        self.tower_grad_norms = None
+        if config is not None and getattr(config, "shared", True) is False:
+            self.tower_grad_norms = _TowerGradNorms()
+            self.add_callback(self.tower_grad_norms)
+        if args.reset_bank_each_step:
+            self.add_callback(_ResetBankEachStep(self.contrastive_loss))
+
 
     @property
     def memory_bank(self):
@@ -178,6 +207,8 @@ class ContAccumTrainer(Trainer):
     def log(self, logs, start_time=None):
         if "loss" in logs:
             logs.update(self.contrastive_loss.pop_log_stats())
+            if self.tower_grad_norms is not None:
+                logs.update(self.tower_grad_norms.pop())
         super().log(logs, start_time)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,

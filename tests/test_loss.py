@@ -122,3 +122,18 @@ def test_enqueue_waits_for_the_backward_and_hooks_do_not_pile_up():
     first.backward()  # enqueues into the bank that `second` read in place
     with pytest.raises(RuntimeError, match="inplace"):
         second.backward()
+
+
+def test_grad_norm_ratio_is_taken_at_the_compared_unit_vectors():
+    """With cosine: ||dL/d(unit passages)|| / ||dL/d(unit queries)||, whatever the raw vectors' lengths."""
+    torch.manual_seed(4)
+    q = (torch.randn(6, 8) * 5).requires_grad_()  # long raw queries
+    p = (torch.randn(6, 8) * 0.2).requires_grad_()  # short raw passages
+    loss_fn = ContAccumLoss(0, 0.05, "cos", mask_false_negatives=False)
+    loss_fn(q, p, torch.arange(6)).backward()
+    logged = loss_fn.pop_log_stats()
+    qn = torch.nn.functional.normalize(q.detach(), dim=-1).requires_grad_()
+    pn = torch.nn.functional.normalize(p.detach(), dim=-1).requires_grad_()
+    torch.nn.functional.cross_entropy(qn @ pn.T / 0.05, torch.arange(6)).backward()
+    assert logged["grad_norm_ratio"] == pytest.approx(float(pn.grad.norm() / qn.grad.norm()), rel=1e-4)
+    assert logged["grad_norm_ratio_raw"] == pytest.approx(float(p.grad.norm() / q.grad.norm()), rel=1e-4)

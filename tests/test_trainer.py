@@ -306,3 +306,12 @@ def test_collapse_guard_stops_before_a_collapsed_checkpoint(tmp_path, tokenizer,
     assert "checkpoint-5" in checkpoints and "checkpoint-10" not in checkpoints
     args = trainer_args(tmp_path / "off", memory_bank_size=8, max_steps=12, collapse_patience=0)
     Collapsed(model=tiny_model(), args=args, train_dataset=toy_dataset(48), processing_class=tokenizer).train()
+
+
+def test_separate_towers_log_the_papers_tower_ratio(tmp_path, tokenizer, toy_dataset):
+    args = trainer_args(tmp_path, memory_bank_size=8, max_steps=2)
+    trainer = ContAccumTrainer(model=tiny_model(shared=False), args=args, train_dataset=toy_dataset(16),
+                               processing_class=tokenizer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(h["grad_norm_ratio_towers"] > 0 and h["grad_norm_ratio"] > 0 for h in logs)
