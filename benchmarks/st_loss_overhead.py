@@ -156,7 +156,8 @@ def micro_step_ms(model, losses, train, batch_size, repeats=30):
     """One micro-batch end to end (embed both columns, loss, backward), every loss on the same
     tokenised batch, interleaved `repeats` times: the finest side-by-side comparison (median ms)."""
     texts = train.select(range(batch_size))
-    features = [model.tokenize(texts["anchor"]), model.tokenize(texts["positive"])]
+    tokenize = getattr(model, "preprocess", None) or model.tokenize  # renamed in sentence-transformers 6.2
+    features = [tokenize(texts["anchor"]), tokenize(texts["positive"])]
     model.train()
     samples = {name: [] for name in losses}
     for r in range(repeats):

@@ -192,7 +192,9 @@ class ContAccumTrainer(Trainer):
     # -- evaluation: one evaluate() = one log line and one on_evaluate, with every metric ----
     def get_eval_dataloader(self, eval_dataset=None):
         if eval_dataset is None and self.eval_dataset is None and self.evaluator is not None:
-            return DataLoader([])  # the retrieval evaluator alone: no eval loss
+            # the retrieval evaluator alone: no eval loss. Its own generator, so that iterating it does not
+            # draw from the global RNG (evaluating before train() then leaves the training run unchanged)
+            return DataLoader([], generator=torch.Generator())
         return super().get_eval_dataloader(eval_dataset)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,

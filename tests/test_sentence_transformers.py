@@ -52,8 +52,13 @@ def st_model(path):
                                device="cpu")
 
 
+def tokenize(model, texts):
+    """sentence-transformers >= 6.2 calls it preprocess (tokenize is deprecated there)."""
+    return (getattr(model, "preprocess", None) or model.tokenize)(texts)
+
+
 def features(model, rows, columns):
-    return [model.tokenize([r[c] for r in rows]) for c in columns]
+    return [tokenize(model, [r[c] for r in rows]) for c in columns]
 
 
 def grads_of(model, loss_fn, feats, seed=7):
@@ -186,10 +191,10 @@ def test_resume_equals_uninterrupted_and_bank_stays_out_of_the_model(tmp_path, e
 
 def test_token_keys_identify_texts_whatever_the_padding(encoder_dir):
     model = st_model(encoder_dir())
-    a = token_keys(model.tokenize(["kilo lima", "mike", "kilo lima"]))
-    b = token_keys(model.tokenize(["a much longer text to widen the batch", "kilo lima"]))
+    a = token_keys(tokenize(model, ["kilo lima", "mike", "kilo lima"]))
+    b = token_keys(tokenize(model, ["a much longer text to widen the batch", "kilo lima"]))
     assert a[0] == a[2] == b[1] and a[0] != a[1] and a.dtype == torch.long
-    left = model.tokenize(["kilo lima", "mike"])
+    left = tokenize(model, ["kilo lima", "mike"])
     shift = torch.zeros_like(left["input_ids"][:, :2])
     left = {"input_ids": torch.cat([shift, left["input_ids"]], 1),
             "attention_mask": torch.cat([shift, left["attention_mask"]], 1)}

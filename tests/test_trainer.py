@@ -315,3 +315,23 @@ def test_separate_towers_log_the_papers_tower_ratio(tmp_path, tokenizer, toy_dat
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert all(h["grad_norm_ratio_towers"] > 0 and h["grad_norm_ratio"] > 0 for h in logs)
+
+
+def test_evaluating_before_training_leaves_the_run_unchanged(tmp_path, tokenizer, toy_dataset):
+    """The quick start evaluates, then trains: the evaluation must not draw from the RNG that dropout uses."""
+    from hf_contaccum.evaluation import RetrievalEvaluator
+
+    rows = list(toy_dataset(12))
+    evaluator = RetrievalEvaluator({f"q{i}": r["query"] for i, r in enumerate(rows)},
+                                   {f"d{i}": r["positive"] for i, r in enumerate(rows)},
+                                   {f"q{i}": {f"d{i}": 1} for i in range(len(rows))}, k_values=(1,),
+                                   show_progress=False)
+    losses = []
+    for evaluate_first in (False, True):
+        trainer = ContAccumTrainer(model=tiny_model(dropout=0.2), args=trainer_args(tmp_path, memory_bank_size=8),
+                                   train_dataset=toy_dataset(24), processing_class=tokenizer, evaluator=evaluator)
+        if evaluate_first:
+            trainer.evaluate()
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[0] == losses[1]
