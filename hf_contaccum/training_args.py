@@ -10,9 +10,11 @@ from transformers import TrainingArguments
 
 @dataclass
 class ContAccumTrainingArguments(TrainingArguments):
-    memory_bank_size: int = field(default=0, metadata={"help": (
-        "Size in SAMPLES of both memory banks (past query vectors and their aligned positive passages). "
-        "0 = plain gradient accumulation. Paper: 128 (small sets) to 2048 (NQ); MS MARCO 1024.")})
+    memory_bank_size: str = field(default=0, metadata={"help": (
+        "Size in SAMPLES of both memory banks (past query vectors and their aligned positive passages), or "
+        "'auto': N_total, the pairs of one optimizer step (per_device_train_batch_size x "
+        "gradient_accumulation_steps x processes sharing the bank), the best setting measured on every task "
+        "so far. 0 = plain gradient accumulation. Paper: 128 (small sets) to 2048 (NQ); MS MARCO 1024.")})
     query_memory_bank_size: int | None = field(default=None, metadata={"help": (
         "Ablation override of the query bank size (default: memory_bank_size). 0 = pre-batch negatives "
         "(passage bank only), which unbalances the towers' gradient norms (paper §3.3). Must be <= the passage bank.")})
@@ -58,6 +60,7 @@ class ContAccumTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        self.memory_bank_size = self._bank_size(self.memory_bank_size)  # 'auto' or '1024' (command line) -> int
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs a GPU; on a CPU it only prints a warning
         for name in ("memory_bank_size", "query_memory_bank_size", "passage_memory_bank_size"):
@@ -83,6 +86,15 @@ class ContAccumTrainingArguments(TrainingArguments):
                 "from different numbers of rows and columns, and the passage tower's gradient norm outgrows the "
                 "query tower's (ContAccum paper §3.3, fig. 5). Use equal sizes unless this is an ablation.",
                 stacklevel=2)
+
+    def _bank_size(self, value) -> int:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            processes = self.world_size if self.gather_across_devices else 1
+            return self.per_device_train_batch_size * self.gradient_accumulation_steps * processes
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"memory_bank_size must be a number of samples or 'auto', got {value!r}") from None
 
     @property
     def query_bank_size(self) -> int:

@@ -335,3 +335,20 @@ def test_evaluating_before_training_leaves_the_run_unchanged(tmp_path, tokenizer
         trainer.train()
         losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
     assert losses[0] == losses[1]
+
+
+def test_memory_bank_size_auto_is_the_pairs_of_one_optimizer_step(tmp_path):
+    from transformers import HfArgumentParser
+
+    from hf_contaccum import ContAccumTrainingArguments
+
+    assert trainer_args(tmp_path, memory_bank_size="auto", gradient_accumulation_steps=3).memory_bank_size == 12
+    (parsed,) = HfArgumentParser(ContAccumTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--memory_bank_size", "auto", "--per_device_train_batch_size", "8",
+         "--gradient_accumulation_steps", "16", "--use_cpu"])
+    assert parsed.memory_bank_size == 128 and parsed.passage_bank_size == 128
+    (parsed,) = HfArgumentParser(ContAccumTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--memory_bank_size", "512", "--use_cpu"])
+    assert parsed.memory_bank_size == 512
+    with pytest.raises(ValueError, match="number of samples or 'auto'"):
+        trainer_args(tmp_path, memory_bank_size="big")
