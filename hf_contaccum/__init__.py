@@ -4,6 +4,7 @@ ContAccumLoss owns the micro-step (any training loop); ContAccumTrainer runs it 
 Hugging Face Trainer; hf_contaccum.sentence_transformers.ContAccumLoss in sentence-transformers."""
 from .bank import MemoryBank
 from .data import ColumnMap, ContrastiveCollator
+from .diagnostics import EmbeddingCollapseError
 from .evaluation import RetrievalEvaluator
 from .loss import ContAccumLoss
 from .model import BiEncoder, BiEncoderConfig
@@ -18,6 +19,7 @@ __all__ = [
            "ContAccumTrainer",
            "ContAccumTrainingArguments",
            "ContrastiveCollator",
+           "EmbeddingCollapseError",
            "MemoryBank",
            "RetrievalEvaluator",
 ]

@@ -24,14 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bank import NEG_INF, BankLogsumexp, MemoryBank, bank_columns
+from .diagnostics import TrainingDiagnostics
 from .gather import check_equal_shapes, gather_with_grad, gather_without_grad, world
 
 SIMILARITIES = ("dot", "cos")
-COLLAPSE_SPREAD = 1e-4  # total variance of unit vectors below which a batch counts as collapsed (random: ~1)
-
-
-class EmbeddingCollapseError(RuntimeError):
-    """Every embedding became the same vector: training cannot recover by itself."""
 BANK_FILE = "contaccum_bank_rank{rank}.pt"
 
 
@@ -91,9 +87,7 @@ class ContAccumLoss(nn.Module):
         self.last_stats: LossStats | None = None
         self.restored_step = None  # the global_step saved with the last checkpoint loaded
         self._anonymous_keys_used = 0
-        self._sums: dict = {}  # logging statistics, since the last log line
-        self._window: dict = {}  # collapse statistics, since the last optimizer step
-        self._collapsed_steps = 0
+        self.diagnostics = TrainingDiagnostics()
 
     @property
     def memory_bank_size(self) -> int:
@@ -123,7 +117,7 @@ class ContAccumLoss(nn.Module):
         if training:
             self._check_bank_fits(n * size, size)
             self._move_bank_to(queries.device)
-            self._track_grad_norm_ratio(queries, positives, hard_negatives)
+            self.diagnostics.track_raw_grad_norm_ratio(queries, positives, hard_negatives)
         q_bank, p_all, pk_all, hn_all, hk_all = queries.detach(), positives, positive_keys, hard_negatives, \
             hard_negative_keys
         if size > 1:  # every rank enqueues the same gathered micro-batch in rank order: one global bank
@@ -139,9 +133,7 @@ class ContAccumLoss(nn.Module):
                 "bf16 instead of fp16, and check the data for broken texts.")
         self.last_stats = stats
         if training:
-            self._sums["micro_batches"] = self._sums.get("micro_batches", 0) + 1
-            self._sums["negatives"] = self._sums.get("negatives", 0) + stats.num_columns - 1
-            self._track_spread(queries, positives)
+            self.diagnostics.micro_batch(stats.num_columns, queries, positives)
             entry = (q_bank, p_all.detach(), pk_all, None if hn_all is None else hn_all.detach(), hk_all)
             self._enqueue_after_backward(bank_readers, entry)
         return loss
@@ -219,20 +211,10 @@ class ContAccumLoss(nn.Module):
 
         def after_backward(grads):
             if len(grads) == 2 and grads[0] is not None and grads[1] is not None:
-                self._record_grad_norm_ratio(query=grads[0], passage=grads[1])
+                self.diagnostics.record_grad_norm_ratio(query=grads[0], passage=grads[1])
             self.enqueue(*entry)
 
         torch.autograd.graph.register_multi_grad_hook(readers, after_backward)
-
-    def _record_grad_norm_ratio(self, query, passage) -> None:
-        """GradNormRatio (paper §5.5) at the vectors the similarity compares (unit vectors with cosine, raw with
-        dot product): norm of the gradient on the current passages (positives and hard negatives, every loss
-        row counted, banked rows included) over that on the current queries. On unit vectors it does not
-        depend on how long the encoder's raw query and passage vectors are. Summed on the device."""
-        query, passage = query.float().norm(), passage.float().norm()
-        ok = query > 0
-        self._sums["ratio"] = self._sums.get("ratio", 0) + torch.where(ok, passage / query, 0.0)
-        self._sums["ratio_count"] = self._sums.get("ratio_count", 0) + ok.float()
 
     @torch.no_grad()
     def enqueue(self, queries, positives, positive_keys, hard_negatives=None, hard_negative_keys=None) -> None:
@@ -272,72 +254,14 @@ class ContAccumLoss(nn.Module):
         self._anonymous_keys_used += count
         return (-1 - (ids * size + rank)).view(*shape)
 
-    # -- statistics (kept on the device; read at logging steps) ---------------------------
-    def _track_grad_norm_ratio(self, queries, positives, hard_negatives) -> None:
-        """GradNormRatio (paper §5.5) at the embeddings: norm of the gradient reaching the passage-side
-        vectors over that reaching the query-side vectors, summed per micro-batch without a host sync."""
-        sides = [t for t in (queries, positives, hard_negatives) if t is not None]
-        if not all(t.requires_grad for t in sides):
-            return
-        squares, num_sides = {}, len(sides)  # the hooks must not hold the tensors: a cycle through C++ leaks
-
-        def hook(index):
-            def record(grad):
-                squares[index] = grad.float().pow(2).sum()
-                if len(squares) == num_sides:  # the query's and every passage-side gradient have arrived
-                    query = squares[0].sqrt()
-                    passage = sum(squares[i] for i in range(1, num_sides)).sqrt()
-                    ok = query > 0
-                    self._sums["raw_ratio"] = self._sums.get("raw_ratio", 0) + torch.where(ok, passage / query, 0.0)
-                    self._sums["raw_ratio_count"] = self._sums.get("raw_ratio_count", 0) + ok.float()
-            return record
-
-        for index, t in enumerate(sides):
-            t.register_hook(hook(index))
-
-    def _track_spread(self, queries, positives) -> None:
-        """How far apart the micro-batch's vectors are (total variance of the unit vectors, 0 when all are the
-        same), kept on the device: the collapse guard reads it once per optimizer step."""
-        if queries.shape[0] < 2:
-            return
-        with torch.no_grad():
-            spread = torch.minimum(*(F.normalize(t.detach().float(), dim=-1).var(0, unbiased=False).sum()
-                                     for t in (queries, positives)))
-        self._window["spread"] = self._window.get("spread", 0) + spread
-        self._window["micro_batches"] = self._window.get("micro_batches", 0) + 1
-
-    def check_collapse(self, patience: int, threshold: float = COLLAPSE_SPREAD) -> None:
-        """Call once per optimizer step: raises when the embeddings have been collapsed (every vector the
-        same, so the loss sits at the log of the number of candidates) for `patience` steps in a row."""
-        window, self._window = self._window, {}
-        if patience <= 0 or not window.get("micro_batches"):
-            return
-        spread = float(window["spread"]) / window["micro_batches"]  # one host sync per optimizer step
-        self._collapsed_steps = self._collapsed_steps + 1 if spread < threshold else 0
-        if self._collapsed_steps >= patience:
-            raise EmbeddingCollapseError(
-                f"the embeddings have collapsed: for {self._collapsed_steps} optimizer steps every query and passage "
-                f"vector was the same (spread {spread:.2e} < {threshold:g}), so the loss sits at the log of the "
-                "number of candidates and nothing is learned. Stopped before saving a collapsed checkpoint. Usual "
-                "causes and fixes: a passage-only bank (query_memory_bank_size=0) or a bank much larger than one "
-                "optimizer step (use memory_bank_size about per_device_train_batch_size x "
-                "gradient_accumulation_steps), a learning rate too high (lower it, add warm-up), a temperature too "
-                "low for dot product (use similarity='cos' with temperature 0.05). collapse_patience=0 turns this "
-                "check off.")
+    # -- diagnostics (kept on the device; read at logging steps and once per optimizer step) ----
+    def check_collapse(self, patience: int) -> None:
+        """Call once per optimizer step; raises EmbeddingCollapseError (see diagnostics.py)."""
+        self.diagnostics.check_collapse(patience)
 
     def pop_log_stats(self) -> dict:
         """Means since the last call: negatives per query, GradNormRatio; and the bank fill."""
-        sums, self._sums = self._sums, {}
-        if not sums.get("micro_batches"):
-            return {}
-        logs = {"bank_fill": self.bank.fill, "negatives_per_query": sums["negatives"] / sums["micro_batches"]}
-        count = float(sums.get("ratio_count", 0))
-        if count:
-            logs["grad_norm_ratio"] = float(sums["ratio"]) / count
-        count = float(sums.get("raw_ratio_count", 0))
-        if count:
-            logs["grad_norm_ratio_raw"] = float(sums["raw_ratio"]) / count
-        return logs
+        return self.diagnostics.pop(self.bank.fill)
 
     # -- checkpoints ---------------------------------------------------------------------
     def get_extra_state(self) -> dict:

@@ -262,7 +262,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, encoder_d
 
 
 def test_collapse_guard_in_the_callback(encoder_dir):
-    from hf_contaccum.loss import EmbeddingCollapseError
+    from hf_contaccum import EmbeddingCollapseError
 
     loss = ContAccumLoss(st_model(encoder_dir()), memory_bank_size=8, collapse_patience=2)
     callback = ContAccumBankCallback(loss)

@@ -290,7 +290,7 @@ def test_defaults_show_bank_statistics_in_a_short_run_and_skip_cpu_pinning(tmp_p
 
 def test_collapse_guard_stops_before_a_collapsed_checkpoint(tmp_path, tokenizer, toy_dataset):
     """Forced collapse (every embedding the same vector): stopped within 50 steps, before that step's checkpoint."""
-    from hf_contaccum.loss import EmbeddingCollapseError
+    from hf_contaccum import EmbeddingCollapseError
 
     class Collapsed(ContAccumTrainer):
         def embed(self, model, features):

@@ -1,0 +1,98 @@
+"""What ContAccumLoss reports about training: negatives per query, GradNormRatio, collapse.
+
+Everything is summed on the device, from backward hooks where gradients are involved, and
+read on the host only at logging steps (and, for the collapse guard, once per optimizer
+step): no host sync per micro-batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+COLLAPSE_SPREAD = 1e-4  # total variance of unit vectors below which a batch counts as collapsed (random: ~1)
+
+
+class EmbeddingCollapseError(RuntimeError):
+    """Every embedding became the same vector: training cannot recover by itself."""
+
+
+class TrainingDiagnostics:
+    def __init__(self):
+        self._sums: dict = {}  # logging statistics, since the last log line
+        self._window: dict = {}  # collapse statistics, since the last optimizer step
+        self._collapsed_steps = 0
+
+    def _add(self, store: dict, key: str, value) -> None:
+        store[key] = store.get(key, 0) + value
+
+    def micro_batch(self, num_columns: int, queries, positives) -> None:
+        """One training micro-batch: its candidates per query and how far apart its vectors are."""
+        self._add(self._sums, "micro_batches", 1)
+        self._add(self._sums, "negatives", num_columns - 1)
+        if queries.shape[0] < 2:
+            return
+        with torch.no_grad():  # total variance of the unit vectors: 0 when every vector is the same
+            spread = torch.minimum(*(F.normalize(t.detach().float(), dim=-1).var(0, unbiased=False).sum()
+                                     for t in (queries, positives)))
+        self._add(self._window, "spread", spread)
+        self._add(self._window, "micro_batches", 1)
+
+    def _add_ratio(self, key: str, query_norm, passage_norm) -> None:
+        ok = query_norm > 0
+        self._add(self._sums, key, torch.where(ok, passage_norm / query_norm, 0.0))
+        self._add(self._sums, key + "_count", ok.float())
+
+    def record_grad_norm_ratio(self, query, passage) -> None:
+        """GradNormRatio (paper §5.5) at the vectors the similarity compares (unit vectors with cosine, raw with
+        dot product): norm of the gradient on the current passages (positives and hard negatives, every loss
+        row counted, banked rows included) over that on the current queries. On unit vectors it does not
+        depend on how long the encoder's raw query and passage vectors are."""
+        self._add_ratio("ratio", query.float().norm(), passage.float().norm())
+
+    def track_raw_grad_norm_ratio(self, queries, positives, hard_negatives) -> None:
+        """The same ratio at the encoder's raw output vectors, from hooks on them."""
+        sides = [t for t in (queries, positives, hard_negatives) if t is not None]
+        if not all(t.requires_grad for t in sides):
+            return
+        squares, num_sides = {}, len(sides)  # the hooks must not hold the tensors: a cycle through C++ leaks
+
+        def hook(index):
+            def record(grad):
+                squares[index] = grad.float().pow(2).sum()
+                if len(squares) == num_sides:  # the query's and every passage-side gradient have arrived
+                    self._add_ratio("raw_ratio", squares[0].sqrt(), sum(squares[i] for i in range(1, num_sides)).sqrt())
+            return record
+
+        for index, t in enumerate(sides):
+            t.register_hook(hook(index))
+
+    def check_collapse(self, patience: int, threshold: float = COLLAPSE_SPREAD) -> None:
+        """Call once per optimizer step: raises when the embeddings have been collapsed (every vector the
+        same, so the loss sits at the log of the number of candidates) for `patience` steps in a row."""
+        window, self._window = self._window, {}
+        if patience <= 0 or not window.get("micro_batches"):
+            return
+        spread = float(window["spread"]) / window["micro_batches"]  # one host sync per optimizer step
+        self._collapsed_steps = self._collapsed_steps + 1 if spread < threshold else 0
+        if self._collapsed_steps >= patience:
+            raise EmbeddingCollapseError(
+                f"the embeddings have collapsed: for {self._collapsed_steps} optimizer steps every query and passage "
+                f"vector was the same (spread {spread:.2e} < {threshold:g}), so the loss sits at the log of the "
+                "number of candidates and nothing is learned. Stopped before saving a collapsed checkpoint. Usual "
+                "causes and fixes: a passage-only bank (query_memory_bank_size=0) or a bank much larger than one "
+                "optimizer step (use memory_bank_size about per_device_train_batch_size x "
+                "gradient_accumulation_steps), a learning rate too high (lower it, add warm-up), a temperature too "
+                "low for dot product (use similarity='cos' with temperature 0.05). collapse_patience=0 turns this "
+                "check off.")
+
+    def pop(self, bank_fill: int) -> dict:
+        """Means since the last call, for a log line: negatives per query, the GradNormRatios; the bank fill."""
+        sums, self._sums = self._sums, {}
+        if not sums.get("micro_batches"):
+            return {}
+        logs = {"bank_fill": bank_fill, "negatives_per_query": sums["negatives"] / sums["micro_batches"]}
+        for key, name in (("ratio", "grad_norm_ratio"), ("raw_ratio", "grad_norm_ratio_raw")):
+            count = float(sums.get(key + "_count", 0))
+            if count:
+                logs[name] = float(sums[key]) / count
+        return logs
