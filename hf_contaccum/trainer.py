@@ -95,13 +95,14 @@ class ContAccumTrainer(Trainer):
             args = ContAccumTrainingArguments(output_dir="contaccum_output")
         if not isinstance(args, ContAccumTrainingArguments):
             raise TypeError("ContAccumTrainer needs ContAccumTrainingArguments (a TrainingArguments subclass)")
-        # the data is checked once, before anything is built (an IterableDataset: row by row as it streams)
+        # the data is checked once, before anything is built (an IterableDataset: row by row as it streams);
+        # with a collator of your own, the data is in your format and yours to check
         data_check = None
-        if train_dataset is not None:
+        if train_dataset is not None and data_collator is None and not isinstance(train_dataset, dict):
             data_check = check_dataset(train_dataset, "train_dataset", args.max_hard_negatives)
             if data_check.num_rows is None:
                 train_dataset = checked_stream(train_dataset, "train_dataset", args.max_hard_negatives)
-        if eval_dataset is not None and not isinstance(eval_dataset, dict):
+        if eval_dataset is not None and data_collator is None and not isinstance(eval_dataset, dict):
             check_dataset(eval_dataset, "eval_dataset", args.max_hard_negatives)
         if data_collator is None:
             tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
