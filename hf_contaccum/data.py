@@ -133,6 +133,8 @@ class ContrastiveCollator:
     def __call__(self, rows):
         if not rows:
             raise ValueError("empty batch")
+        if "query_input_ids" in rows[0]:
+            return self._pad(rows)
         if self._columns is None:
             self._columns = ColumnMap.from_columns(rows[0].keys())
         parsed = [self._columns.texts(r, f"batch row {i}", self.max_hard_negatives) for i, r in enumerate(rows)]
@@ -150,3 +152,45 @@ class ContrastiveCollator:
         batch["passage_keys"] = torch.tensor([p[3] for p in parsed], dtype=torch.long)
         batch["hard_negative_keys"] = torch.tensor([p[4] for p in parsed], dtype=torch.long).view(len(rows), h)
         return batch
+
+    # -- tokenising once (ContAccumTrainer does it for a datasets.Dataset) --------------------
+    def encode_rows(self, batch: dict) -> dict:
+        """A `datasets.map(batched=True)` function: the token ids of every row's texts, unpadded, and their keys."""
+        columns = ColumnMap.from_columns(batch.keys())
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        parsed = [columns.texts(r, f"row {i}", self.max_hard_negatives) for i, r in enumerate(rows)]
+        queries = self.tokenizer([p[0] for p in parsed], truncation=True, max_length=self.query_max_length)
+        passages = self.tokenizer([t for p in parsed for t in (p[1], *p[2])], truncation=True,
+                                  max_length=self.passage_max_length)
+        starts = [0]
+        for p in parsed:
+            starts.append(starts[-1] + 1 + len(p[2]))
+        out = {f"query_{k}": list(v) for k, v in queries.items()}
+        out.update({f"passage_{k}": [v[a:b] for a, b in zip(starts, starts[1:])] for k, v in passages.items()})
+        out["passage_keys"] = [[p[3], *p[4]] for p in parsed]  # the positive's, then the hard negatives'
+        return out
+
+    def _pad(self, rows):
+        """Rows tokenised by encode_rows -> the same batch as tokenising their texts here."""
+        def pad(encodings, prefix):
+            padded = self.tokenizer.pad(encodings, padding=True, return_tensors="pt")
+            return {f"{prefix}_{k}": v for k, v in padded.items()}
+
+        fields = [k[len("query_"):] for k in rows[0] if k.startswith("query_")]
+        h = len(rows[0]["passage_keys"]) - 1
+        if any(len(r["passage_keys"]) != h + 1 for r in rows):
+            raise ValueError("rows of one batch have different numbers of hard negatives: give every row the same "
+                             "number or set max_hard_negatives")
+        order = [(i, 0) for i in range(len(rows))] + [(i, j) for i in range(len(rows)) for j in range(1, h + 1)]
+        batch = pad([{f: r[f"query_{f}"] for f in fields} for r in rows], "query")
+        batch.update(pad([{f: rows[i][f"passage_{f}"][j] for f in fields} for i, j in order], "passage"))
+        keys = torch.tensor([r["passage_keys"] for r in rows], dtype=torch.long)
+        batch["passage_keys"], batch["hard_negative_keys"] = keys[:, 0].contiguous(), keys[:, 1:].contiguous()
+        return batch
+
+
+def tokenize_once(dataset, collator: ContrastiveCollator, name: str = "train_dataset"):
+    """The dataset's texts tokenised once, up front (datasets.map: batched, cached with file-backed data), so
+    that a training step only pads: tokenising stays off the critical path of every micro-batch."""
+    return dataset.map(collator.encode_rows, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                       desc=f"tokenising {name} once")

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from .data import ContrastiveCollator, side_features, split_passages
+from .data import ContrastiveCollator, side_features, split_passages, tokenize_once
 from .gradcache import GradCache
 from .loss import BANK_FILE, ContAccumLoss
 from .model_card import build_model_card
@@ -112,6 +113,11 @@ class ContAccumTrainer(Trainer):
             data_collator = ContrastiveCollator(tokenizer, args.query_max_length, args.passage_max_length,
                                                 args.max_hard_negatives)
             processing_class = tokenizer
+            if args.tokenize_once:  # a step then only pads; an IterableDataset is tokenised as it streams
+                if isinstance(train_dataset, datasets.Dataset):
+                    train_dataset = tokenize_once(train_dataset, data_collator, "train_dataset")
+                if isinstance(eval_dataset, datasets.Dataset):
+                    eval_dataset = tokenize_once(eval_dataset, data_collator, "eval_dataset")
         # Trainer refuses eval_strategy without an eval_dataset; a retrieval evaluator is enough for us.
         eval_strategy = args.eval_strategy
         if evaluator is not None and eval_dataset is None:

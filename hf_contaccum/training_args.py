@@ -44,6 +44,9 @@ class ContAccumTrainingArguments(TrainingArguments):
         "Stop with an error naming causes and fixes when every embedding has been the same vector (collapse: "
         "the loss sits at the log of the number of candidates) for this many optimizer steps in a row; checked "
         "before the step's checkpoint is saved. 0 turns the check off.")})
+    tokenize_once: bool = field(default=True, metadata={"help": (
+        "Tokenise a datasets.Dataset once before training (datasets.map, cached for file-backed data), so that "
+        "each micro-batch is only padded; False tokenises every batch in the collator. Streams always are.")})
     query_max_length: int = field(default=64, metadata={"help": "Max tokens of a query (longer is truncated)."})
     passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
     max_hard_negatives: int | None = field(default=None, metadata={"help": (

@@ -352,3 +352,23 @@ def test_memory_bank_size_auto_is_the_pairs_of_one_optimizer_step(tmp_path):
     assert parsed.memory_bank_size == 512
     with pytest.raises(ValueError, match="number of samples or 'auto'"):
         trainer_args(tmp_path, memory_bank_size="big")
+
+
+def test_tokenised_once_gives_the_same_batches_and_training(tmp_path, tokenizer, toy_dataset):
+    from hf_contaccum.data import tokenize_once
+
+    ds = toy_dataset(12, num_negatives=2)
+    collate = ContrastiveCollator(tokenizer, 16, 24, max_hard_negatives=2)
+    encoded = tokenize_once(ds, collate)
+    for start in (0, 4, 8):
+        on_the_fly, padded = collate(list(ds)[start:start + 4]), collate(list(encoded)[start:start + 4])
+        assert on_the_fly.keys() == padded.keys()
+        assert all(torch.equal(on_the_fly[k], padded[k]) for k in on_the_fly), start
+    losses = []
+    for once in (False, True):
+        args = trainer_args(tmp_path, memory_bank_size=8, bank_hard_negatives=True, tokenize_once=once)
+        trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(24, num_negatives=1),
+                                   processing_class=tokenizer)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[0] == losses[1]
