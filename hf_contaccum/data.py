@@ -12,6 +12,7 @@ Accepted columns (first match wins):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -166,7 +167,7 @@ class ContrastiveCollator:
         for p in parsed:
             starts.append(starts[-1] + 1 + len(p[2]))
         out = {f"query_{k}": list(v) for k, v in queries.items()}
-        out.update({f"passage_{k}": [v[a:b] for a, b in zip(starts, starts[1:])] for k, v in passages.items()})
+        out.update({f"passage_{k}": [v[a:b] for a, b in itertools.pairwise(starts)] for k, v in passages.items()})
         out["passage_keys"] = [[p[3], *p[4]] for p in parsed]  # the positive's, then the hard negatives'
         return out
 
