@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+NEG_INF = float("-inf")
+
 
 class MemoryBank:
     """FIFO ring buffer of (query, positive, hard negatives) vectors.
@@ -128,9 +130,6 @@ class MemoryBank:
             setattr(self, name, None if value is None else value.to(device or "cpu"))
 
 
-NEG_INF = float("-inf")
-
-
 def bank_columns(bank: MemoryBank, first: int = 0, last: int | None = None):
     """Banked column vectors (S, 1+H, d) and keys (S, 1+H) of slots [first, last) (default: the valid ones).
 
@@ -243,9 +242,7 @@ class BankLogsumexp:
                 "chunk_lse": self.chunk_lse.cpu(), "group_lse": self.group_lse.cpu()}
 
     def load_state_dict(self, state: dict | None) -> None:
-        fits = state is not None and self.requested_chunk_size in (None, state["chunk_size"])
-        self.stale = not fits
-        if fits:
-            self.chunk_size = state["chunk_size"]
+        self.stale = state is None or self.requested_chunk_size not in (None, state["chunk_size"])
         if not self.stale:
-            self.group_size, self.chunk_lse, self.group_lse = state["group_size"], state["chunk_lse"], state["group_lse"]
+            self.chunk_size, self.group_size = state["chunk_size"], state["group_size"]
+            self.chunk_lse, self.group_lse = state["chunk_lse"], state["group_lse"]

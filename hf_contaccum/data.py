@@ -30,6 +30,12 @@ def text_key(value) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def text_fix(column: str) -> str:
+    """The fix for a missing, empty or non-text value in `column`."""
+    return (f"remove or repair these rows first, e.g. dataset.filter(lambda r: isinstance(r[{column!r}], str) "
+            f"and r[{column!r}].strip())")
+
+
 class BadRow(ValueError):
     """A row that cannot be trained on: which column, what is wrong, and the fix."""
 
@@ -82,14 +88,12 @@ class ColumnMap:
         negs = negs[:max_hard_negatives] if max_hard_negatives is not None else negs
         for column, value in [(self.query, row[self.query]), (self.positive, row[self.positive])] + [
                 (c, v) for c, v, _ in negs]:
-            fix = (f"remove or repair these rows first, e.g. dataset.filter(lambda r: isinstance(r[{column!r}], str)"
-                   f" and r[{column!r}].strip())")
             if value is None:
-                raise BadRow(where, column, "is missing (null)", fix)
+                raise BadRow(where, column, "is missing (null)", text_fix(column))
             if not isinstance(value, str):
-                raise BadRow(where, column, f"holds {type(value).__name__} {value!r}, expected text", fix)
+                raise BadRow(where, column, f"holds {type(value).__name__} {value!r}, expected text", text_fix(column))
             if not value.strip():
-                raise BadRow(where, column, "is empty", fix)
+                raise BadRow(where, column, "is empty", text_fix(column))
         pos_key = text_key(row["positive_id"]) if row.get("positive_id") is not None else text_key(row[self.positive])
         neg_keys = [text_key(i) if i is not None else text_key(v) for _, v, i in negs]
         return row[self.query], row[self.positive], [v for _, v, _ in negs], pos_key, neg_keys
@@ -139,13 +143,7 @@ class ContrastiveCollator:
         if self._columns is None:
             self._columns = ColumnMap.from_columns(rows[0].keys())
         parsed = [self._columns.texts(r, f"batch row {i}", self.max_hard_negatives) for i, r in enumerate(rows)]
-        h = len(parsed[0][2])
-        for i, p in enumerate(parsed):
-            if len(p[2]) != h:
-                raise ValueError(
-                    f"batch row {i} has {len(p[2])} hard negatives, batch row 0 has {h}: give every row the same "
-                    f"number (columns {', '.join(self._columns.negative_columns)}) or set max_hard_negatives to at "
-                    "most the smallest number")
+        h = _same_number_of_negatives([len(p[2]) for p in parsed])
         queries = [p[0] for p in parsed]
         passages = [p[1] for p in parsed] + [neg for p in parsed for neg in p[2]]
         batch = self._tokenize(queries, self.query_max_length, "query")
@@ -178,16 +176,22 @@ class ContrastiveCollator:
             return {f"{prefix}_{k}": v for k, v in padded.items()}
 
         fields = [k[len("query_"):] for k in rows[0] if k.startswith("query_")]
-        h = len(rows[0]["passage_keys"]) - 1
-        if any(len(r["passage_keys"]) != h + 1 for r in rows):
-            raise ValueError("rows of one batch have different numbers of hard negatives: give every row the same "
-                             "number or set max_hard_negatives")
+        h = _same_number_of_negatives([len(r["passage_keys"]) - 1 for r in rows])
         order = [(i, 0) for i in range(len(rows))] + [(i, j) for i in range(len(rows)) for j in range(1, h + 1)]
         batch = pad([{f: r[f"query_{f}"] for f in fields} for r in rows], "query")
         batch.update(pad([{f: rows[i][f"passage_{f}"][j] for f in fields} for i, j in order], "passage"))
         keys = torch.tensor([r["passage_keys"] for r in rows], dtype=torch.long)
         batch["passage_keys"], batch["hard_negative_keys"] = keys[:, 0].contiguous(), keys[:, 1:].contiguous()
         return batch
+
+
+def _same_number_of_negatives(counts: list) -> int:
+    """H, the hard negatives of every row of a batch (a batch tensor needs one number)."""
+    for i, count in enumerate(counts):
+        if count != counts[0]:
+            raise ValueError(f"batch row {i} has {count} hard negatives, batch row 0 has {counts[0]}: give every row "
+                             "the same number or set max_hard_negatives to at most the smallest number")
+    return counts[0]
 
 
 def tokenize_once(dataset, collator: ContrastiveCollator, name: str = "train_dataset"):

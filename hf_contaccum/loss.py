@@ -16,6 +16,7 @@ backward (no grad, or eval mode) nothing is enqueued and the bank is not read.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -115,7 +116,7 @@ class ContAccumLoss(nn.Module):
         if hard_negative_keys is None:
             hard_negative_keys = positive_keys.new_zeros(n, 0)
         if training:
-            self._check_bank_fits(n * size, size)
+            check_bank_fits(self.bank.capacity, n, size)
             self._move_bank_to(queries.device)
             self.diagnostics.track_raw_grad_norm_ratio(queries, positives, hard_negatives)
         q_bank, p_all, pk_all, hn_all, hk_all = queries.detach(), positives, positive_keys, hard_negatives, \
@@ -148,8 +149,7 @@ class ContAccumLoss(nn.Module):
         the result is scaled by R so that DDP's gradient average gives the gradient of the
         one global mean over R*n + N_mem rows.
         """
-        q, p = self._prepare(queries), self._prepare(passages)
-        q = q.view_as(q)  # never a leaf, so a backward hook can wait for its gradient (see _enqueue_after_backward)
+        q, p = self._prepare(queries), self._prepare(passages)  # q is never a leaf: forward aliased the queries
         n = q.shape[0]
         cols, keys = [p], [passage_keys]
         if hard_negatives is not None:
@@ -232,14 +232,6 @@ class ContAccumLoss(nn.Module):
         self.bank.reset()
         self.bank_lse.stale = True
 
-    def _check_bank_fits(self, rows: int, size: int) -> None:
-        if 0 < self.bank.capacity < rows:
-            where = f" ({size} processes x {rows // size})" if size > 1 else ""
-            raise ValueError(
-                f"memory_bank_size={self.bank.capacity} is smaller than one micro-batch of {rows} pairs{where}: each "
-                f"micro-batch would overwrite the bank before anything reads it. Use memory_bank_size >= {rows} "
-                "(about the pairs of one optimizer step is a good start) or 0 for plain gradient accumulation")
-
     def _move_bank_to(self, device) -> None:
         if self.bank.queries is not None and self.bank.queries.device != device:
             self.bank.to(device)
@@ -247,9 +239,7 @@ class ContAccumLoss(nn.Module):
 
     def _anonymous_keys(self, shape, device, rank, size):
         """Negative ids, unique across micro-batches and ranks: never equal to each other or to a real key."""
-        count = 1
-        for s in shape:
-            count *= s
+        count = math.prod(shape)
         ids = self._anonymous_keys_used + torch.arange(count, device=device)
         self._anonymous_keys_used += count
         return (-1 - (ids * size + rank)).view(*shape)
@@ -294,6 +284,17 @@ class ContAccumLoss(nn.Module):
         self.load_state_dict(saved.pop("state"))
         self.restored_step = saved.get("global_step")
         return saved
+
+
+def check_bank_fits(capacity: int, per_process: int, processes: int = 1) -> None:
+    """A bank smaller than one (gathered) micro-batch would be overwritten before anything reads it."""
+    rows = per_process * processes
+    if 0 < capacity < rows:
+        where = f" ({processes} processes x {per_process})" if processes > 1 else ""
+        raise ValueError(
+            f"memory_bank_size={capacity} is smaller than one micro-batch of {rows} pairs{where}: each micro-batch "
+            f"would overwrite the bank before anything reads it. Use memory_bank_size >= {rows} (about N_total, the "
+            "pairs of one optimizer step, is a good start) or 0 for plain gradient accumulation")
 
 
 def _check_inputs(queries, positives, positive_keys, hard_negatives, hard_negative_keys) -> None:

@@ -12,6 +12,7 @@ enqueue) is hf_contaccum.loss.ContAccumLoss; GradCache is hf_contaccum.gradcache
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -36,6 +37,12 @@ SIMILARITIES = {cos_sim: "cos", dot_score: "dot"}
 _PRIMES = (2_147_483_647, 2_147_483_629)  # two 31-bit moduli: a text's key is 62 bits, no int64 overflow
 
 
+@functools.lru_cache(maxsize=64)
+def _hash_weights(prime: int, seed: int, width: int) -> torch.Tensor:
+    """Fixed random weights per token position (the same in every process), drawn once per batch width."""
+    return torch.randint(1, prime, (width,), generator=torch.Generator().manual_seed(seed))
+
+
 def token_keys(features: dict) -> torch.Tensor | None:
     """A 62-bit id per text from its token ids (equal tokens, equal id), computed on the device.
 
@@ -49,8 +56,7 @@ def token_keys(features: dict) -> torch.Tensor | None:
     position = (mask.cumsum(1) - 1).clamp(min=0)
     key = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     for prime, seed in zip(_PRIMES, (1, 2)):
-        weights = torch.randint(1, prime, (ids.shape[1],), generator=torch.Generator().manual_seed(seed))
-        term = (ids.long() + 1) % prime * weights.to(ids.device)[position] % prime * mask
+        term = (ids.long() + 1) % prime * _hash_weights(prime, seed, ids.shape[1]).to(ids.device)[position] % prime * mask
         key = key * prime + (term.sum(1) + mask.sum(1)) % prime
     return key
 

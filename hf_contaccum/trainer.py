@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback
 
 from .data import ContrastiveCollator, side_features, split_passages, tokenize_once
 from .gradcache import GradCache
-from .loss import BANK_FILE, ContAccumLoss
+from .loss import BANK_FILE, ContAccumLoss, check_bank_fits
 from .model_card import build_model_card
 from .training_args import ContAccumTrainingArguments
 from .validation import check_dataset, checked_stream
@@ -136,12 +136,8 @@ class ContAccumTrainer(Trainer):
         if args.gradcache_chunk_size and self.accelerator.distributed_type == "DEEPSPEED":
             raise ValueError("gradcache_chunk_size is not supported under DeepSpeed, whose engine owns the backward; "
                              "use DDP or FSDP, or turn GradCache off")
+        check_bank_fits(args.passage_bank_size, args.per_device_train_batch_size, gathered)  # before training
         micro_batch = args.per_device_train_batch_size * gathered
-        if 0 < args.passage_bank_size < micro_batch:
-            raise ValueError(
-                f"memory_bank_size={args.passage_bank_size} is smaller than one micro-batch of {micro_batch} pairs: "
-                f"each micro-batch would overwrite the bank before anything reads it. Use memory_bank_size >= "
-                f"{micro_batch} (about N_total, the pairs of one optimizer step, is a good start) or 0")
         self.num_hard_negatives = data_check.num_hard_negatives if data_check is not None else None
         if data_check is not None and data_check.num_rows is not None:
             _warn_about_size(data_check.num_rows, micro_batch * args.gradient_accumulation_steps,
@@ -161,7 +157,6 @@ class ContAccumTrainer(Trainer):
             self.add_callback(self.tower_grad_norms)
         if args.reset_bank_each_step:
             self.add_callback(_ResetBankEachStep(self.contrastive_loss))
-
 
     @property
     def memory_bank(self):
@@ -225,8 +220,8 @@ class ContAccumTrainer(Trainer):
         """README.md with the ContAccum settings, GradNormRatio, evaluation, usage and citations."""
         if not self.is_world_process_zero():
             return
-        datasets = [dataset] if isinstance(dataset, str) else dataset
-        card = build_model_card(self, model_name=model_name, base_model=finetuned_from, datasets=datasets,
+        dataset_names = [dataset] if isinstance(dataset, str) else dataset
+        card = build_model_card(self, model_name=model_name, base_model=finetuned_from, datasets=dataset_names,
                                 language=language, license=license, tags=[tags] if isinstance(tags, str) else tags)
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .data import BadRow, ColumnMap
+from .data import BadRow, ColumnMap, text_fix
 
 BATCH_ROWS = 200_000
 MAX_EXAMPLES = 5
@@ -47,11 +47,6 @@ class _Problems:
 def _columns_label(columns: str) -> str:
     names = columns.split(", ")
     return f"column {names[0]!r}" if len(names) == 1 else "columns " + ", ".join(map(repr, names))
-
-
-def _text_fix(column):
-    return (f"remove or repair these rows first, e.g. dataset.filter(lambda r: isinstance(r[{column!r}], str) "
-            f"and r[{column!r}].strip())")
 
 
 def _hard_negative_problem(problems, counts, wanted, columns):
@@ -96,8 +91,12 @@ def _check_rows(rows, name, max_hard_negatives):
 
 def checked_stream(dataset, name: str = "train_dataset", max_hard_negatives: int | None = None):
     """An IterableDataset that checks every row as it streams, naming the global row index."""
+    columns = None  # read from the first row, once
+
     def check(row, index):
-        columns = ColumnMap.from_columns(row.keys(), name)
+        nonlocal columns
+        if columns is None:
+            columns = ColumnMap.from_columns(row.keys(), name)
         try:
             columns.texts(row, index, max_hard_negatives)
         except BadRow as bad:
@@ -144,18 +143,18 @@ def _check_columns(part, columns, masks):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    def record(column, problem, fix, mask):
-        masks.setdefault((column, problem, fix), []).append(np.asarray(pc.fill_null(mask, False).to_numpy(
-            zero_copy_only=False), dtype=bool))
+    def record(column, problem, fix, mask):  # mask: an Arrow boolean array (nulls count as fine) or numpy
+        if not isinstance(mask, np.ndarray):
+            mask = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+        masks.setdefault((column, problem, fix), []).append(mask)
 
     def text_values(column, values):
         if pa.types.is_null(values.type):  # every value missing
             values = values.cast(pa.string())
         if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
             return values
-        masks.setdefault((column, f"holds {values.type} values, expected text",
-                          "convert the column to strings (dataset.cast_column) or rename it"), []).append(
-            np.ones(part.num_rows, dtype=bool))
+        record(column, f"holds {values.type} values, expected text",
+               "convert the column to strings (dataset.cast_column) or rename it", np.ones(part.num_rows, dtype=bool))
         return None
 
     h = np.zeros(part.num_rows, dtype=np.int64)
@@ -167,8 +166,8 @@ def _check_columns(part, columns, masks):
         if column in columns.negatives:  # a missing hard negative is a null: counted, not an error
             h += np.asarray(present.to_numpy(zero_copy_only=False), dtype=np.int64)
         else:
-            record(column, "is missing (null)", _text_fix(column), pc.invert(present))
-        record(column, "is empty", _text_fix(column), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+            record(column, "is missing (null)", text_fix(column), pc.invert(present))
+        record(column, "is empty", text_fix(column), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
     if columns.negative_list:
         lists = part.column(columns.negative_list).combine_chunks()
         h = np.asarray(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -179,6 +178,6 @@ def _check_columns(part, columns, masks):
             rows = np.asarray(pc.filter(pc.list_parent_indices(lists), bad).to_numpy(zero_copy_only=False))
             mask = np.zeros(part.num_rows, dtype=bool)
             mask[rows] = True
-            masks.setdefault((columns.negative_list, "holds an empty or missing hard negative",
-                              _text_fix(columns.negative_list)), []).append(mask)
+            record(columns.negative_list, "holds an empty or missing hard negative", text_fix(columns.negative_list),
+                   mask)
     return h
