@@ -8,7 +8,13 @@ a backward hook that, when the caller back-propagates it, replays each chunk wit
 RNG state (same dropout masks) and pushes the cached embedding gradients, scaled by the
 incoming gradient (accumulation division, fp16 loss scale), into the encoder. The
 caller's training step is untouched. Activation memory is one chunk's; the price is the
-second forward. Under DDP only the last replayed chunk synchronises gradients.
+second forward. Under DDP only the last replayed chunk synchronises gradients. Under
+DeepSpeed ZeRO-1/2, whose engine reduces each parameter's gradient the moment it is
+accumulated and refuses a second one in a step, the chunks before the last are
+differentiated with torch.autograd.grad into buffers and the last chunk's backward
+carries their sum: each parameter receives its gradient once (the buffers cost one fp32
+copy of the trainable parameters). ZeRO-3 (parameters partitioned outside the forward) is
+refused with a clear error.
 """
 from __future__ import annotations
 
@@ -90,6 +96,7 @@ class GradCache:
         self.paired = paired
 
     def __call__(self, model, columns: dict, embed: Callable, loss_fn: Callable) -> torch.Tensor:
+        check_engine_supports_gradcache()
         names = list(columns)
         schedule = chunk_schedule([_num_rows(columns[c]) for c in names], self.chunk_size, self.paired)
         calls = [{names[c]: slice_features(columns[names[c]], *rows) for c, rows in call.items()} for call in schedule]
@@ -123,7 +130,28 @@ def _concat(calls: list[dict], names: list) -> dict:
     return {c: torch.cat([call[c] for call in calls if c in call]) for c in names}
 
 
+def deepspeed_zero_stage() -> int | None:
+    """The ZeRO stage when accelerate runs DeepSpeed, else None."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    if AcceleratorState._shared_state.get("distributed_type") != DistributedType.DEEPSPEED:
+        return None
+    return AcceleratorState().deepspeed_plugin.zero_stage
+
+
+def check_engine_supports_gradcache() -> None:
+    if (deepspeed_zero_stage() or 0) >= 3:
+        raise ValueError("GradCache (gradcache_chunk_size / mini_batch_size) does not work under DeepSpeed ZeRO-3: "
+                         "ZeRO-3 gathers a parameter only inside its own forward and backward hooks, and "
+                         "DeepSpeed's partitioning fails when GradCache replays chunks from a backward hook. Use ZeRO-2 (accelerate_configs/"
+                         "deepspeed_zero2.yaml), FSDP (fsdp.yaml) or DDP, or turn GradCache off.")
+
+
 def _replay(model, calls, contexts, cache, embed, grad_output) -> None:
+    # DeepSpeed reduces a parameter's gradient when it is accumulated and allows one per step
+    once = deepspeed_zero_stage() is not None and len(calls) > 1
+    params = [p for p in model.parameters() if p.requires_grad] if once else []
+    buffers = [None] * len(params)
     with torch.enable_grad():
         for i, (call, context, grads) in enumerate(zip(calls, contexts, cache)):
             last = i == len(calls) - 1
@@ -132,5 +160,15 @@ def _replay(model, calls, contexts, cache, embed, grad_output) -> None:
             with no_sync, context.restored():
                 embeddings = embed(model, call)
                 surrogate = sum((embeddings[c].float() * grads[c].float()).sum() for c in call if grads[c] is not None)
+                surrogate = surrogate * grad_output.float() if torch.is_tensor(surrogate) else surrogate
+                if once and not last:
+                    if torch.is_tensor(surrogate) and surrogate.requires_grad:
+                        for j, grad in enumerate(torch.autograd.grad(surrogate, params, allow_unused=True)):
+                            if grad is not None:
+                                buffers[j] = grad.float() if buffers[j] is None else buffers[j].add_(grad)
+                    continue
+                if once:  # d/dp of p . buffer is the buffer: the earlier chunks' sum joins this one backward
+                    surrogate = surrogate + sum((p * b.to(p.dtype)).sum() for p, b in zip(params, buffers)
+                                                if b is not None)
                 if torch.is_tensor(surrogate) and surrogate.requires_grad:
-                    (surrogate * grad_output.float()).backward()
+                    surrogate.backward()

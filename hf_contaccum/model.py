@@ -88,6 +88,14 @@ class BiEncoder(PreTrainedModel):
         # towers are initialised by their own classes (or loaded); nothing to add here
         pass
 
+    def init_weights(self):
+        """Called by post_init when the BiEncoder is built: the towers are complete transformers models
+        that initialised themselves (AutoModel.from_config) or were loaded, so there is nothing to
+        initialise again, and under DeepSpeed ZeRO-3 their parameters are already partitioned (an init
+        here would index empty shards). Weights missing from a loaded checkpoint are still initialised
+        by from_pretrained, which calls initialize_weights."""
+        self.tie_weights(recompute_mapping=False)
+
     # -- construction ----------------------------------------------------------------
     @classmethod
     def from_encoder(cls, name_or_path: str, shared: bool = True, pooling: str = "mean",
@@ -109,6 +117,7 @@ class BiEncoder(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
+        model._freeze_unused_poolers()  # transformers 5 rebuilds the parameters while loading: frozen again
         try:  # the Trainer saves the tokenizer beside the weights
             model.tokenizer = AutoTokenizer.from_pretrained(args[0] if args else kwargs["pretrained_model_name_or_path"])
         except (OSError, ValueError, KeyError):

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from .data import ContrastiveCollator, side_features, split_passages, tokenize_once
-from .gradcache import GradCache
+from .gradcache import GradCache, check_engine_supports_gradcache
 from .loss import BANK_FILE, ContAccumLoss, check_bank_fits
 from .model_card import build_model_card
 from .training_args import ContAccumTrainingArguments
@@ -133,9 +133,8 @@ class ContAccumTrainer(Trainer):
             # a rank that runs out of batches would leave the others waiting in the gather forever
             raise ValueError("gather_across_devices needs accelerate's even_batches=True (the default): with uneven "
                              "batches a process waits forever for the others' micro-batch")
-        if args.gradcache_chunk_size and self.accelerator.distributed_type == "DEEPSPEED":
-            raise ValueError("gradcache_chunk_size is not supported under DeepSpeed, whose engine owns the backward; "
-                             "use DDP or FSDP, or turn GradCache off")
+        if args.gradcache_chunk_size:
+            check_engine_supports_gradcache()
         check_bank_fits(args.passage_bank_size, args.per_device_train_batch_size, gathered)  # before training
         micro_batch = args.per_device_train_batch_size * gathered
         self.num_hard_negatives = data_check.num_hard_negatives if data_check is not None else None

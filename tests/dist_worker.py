@@ -1,8 +1,13 @@
-"""Launched by tests/test_distributed.py under torchrun or accelerate launch (2 CPU processes, gloo).
+"""Launched by tests/test_distributed.py and tests/test_engines.py under torchrun or accelerate
+launch (2 CPU processes, gloo).
 
 Trains a tiny BiEncoder with ContAccumTrainer and writes, from rank 0, what the test
-compares against a single process on the global batch: parameters, logged losses, and
-every rank's bank checksum.
+compares against a single process on the global batch: parameters (gathered by the engine),
+logged losses, and every rank's bank checksum.
+
+config: rows, negatives, args (ContAccumTrainingArguments overrides), and optionally
+engine ("deepspeed" or "fsdp": see force_engine_on_cpu), init (a saved BiEncoder folder to
+start from; under ZeRO-3 from_pretrained partitions it while loading), resume (a checkpoint).
 """
 import json
 import os
@@ -16,29 +21,48 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import make_tokenizer, tiny_model, toy_rows, trainer_args
 
 
+def force_engine_on_cpu(engine):
+    """accelerate only starts DeepSpeed or FSDP from a GPU process group: on CPU (use_cpu=False, no GPU)
+    its state has no backend and runs ONE process, and FSDP is only chosen on a multi-GPU state. So this
+    test re-creates the state as accelerate's two-process CPU (gloo) group, and for FSDP labels that
+    group multi-GPU, the one place accelerate reads ACCELERATE_USE_FSDP. Everything after (the engine's
+    wrapping, sharding, optimizer, checkpoints) is the library's and the engine's own code."""
+    from accelerate import PartialState
+    from accelerate.state import DistributedType
+
+    PartialState._reset_state()
+    state = PartialState(cpu=True)
+    if engine == "fsdp":
+        state._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
 def main(out_dir, config):
     from accelerate import PartialState
     from datasets import Dataset
 
-    from hf_contaccum import ContAccumTrainer
+    from hf_contaccum import BiEncoder, ContAccumTrainer
 
     # one output_dir shared by both ranks, as in real use; creating the arguments sets up the process group
     args = trainer_args(Path(out_dir), **config["args"])
+    if config.get("engine"):
+        force_engine_on_cpu(config["engine"])
     state = PartialState()
     assert state.num_processes == 2, f"expected 2 processes, got {state.num_processes}"
     assert torch.distributed.get_world_size() == 2
     tmp = Path(tempfile.mkdtemp())
     tokenizer = make_tokenizer(tmp)
     ds = Dataset.from_list(toy_rows(config["rows"], config["negatives"]))
-    trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=ds, processing_class=tokenizer)
+    model = BiEncoder.from_pretrained(config["init"]) if config.get("init") else tiny_model()
+    trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.get("resume"))
     bank = trainer.memory_bank
     checksum = torch.tensor([float(bank.queries.double().sum()), float(bank.passages.double().sum()),
                              float(bank.passage_keys.sum() % 1000003), bank.ptr, bank.fill])
     checksums = [torch.zeros_like(checksum) for _ in range(2)]
     torch.distributed.all_gather(checksums, checksum)
+    full = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered from the shards (all ranks call it)
     if state.is_main_process:
-        torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+        torch.save({k: v.detach().clone() for k, v in full.items()},
                    Path(out_dir) / "params.pt")
         logs = [h for h in trainer.state.log_history if "loss" in h]
         (Path(out_dir) / "result.json").write_text(json.dumps({

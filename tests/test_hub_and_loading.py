@@ -158,8 +158,11 @@ def test_towers_are_saved_from_the_gathered_state_dict(tmp_path, tokenizer):
 
 def test_every_trainable_parameter_gets_a_gradient(tmp_path, tokenizer, toy_dataset):
     """No trainable parameter that the forward never uses (FSDP/DeepSpeed resume needs its optimizer state)."""
-    for shared, pooling in [(True, "mean"), (False, "cls")]:
+    for shared, pooling, loaded in [(True, "mean", False), (False, "cls", False), (True, "mean", True)]:
         model = tiny_model(shared=shared, pooling=pooling)
+        if loaded:  # from_pretrained rebuilds the parameters: the pooler must be frozen again
+            model.save_pretrained(tmp_path / "saved")
+            model = BiEncoder.from_pretrained(tmp_path / "saved")
         args = trainer_args(tmp_path, max_steps=1, gradient_accumulation_steps=1, learning_rate=0.0)
         trainer = ContAccumTrainer(model=model, args=args, train_dataset=toy_dataset(8), processing_class=tokenizer)
         batch = trainer._prepare_inputs(trainer.data_collator(list(toy_dataset(4))))

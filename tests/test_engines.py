@@ -1,0 +1,153 @@
+"""The shipped accelerate configs for DDP, DeepSpeed ZeRO-2/3 and FSDP2, run on 2 CPU processes (gloo).
+
+Each engine, from the shipped YAML with only the device fields changed (2 processes, fp32,
+a free port): trains, equals one process on the global batch, writes both ranks' banks
+with the checkpoint, and resumes from that checkpoint to the uninterrupted result.
+DeepSpeed and FSDP are forced onto the CPU group in tests/dist_worker.py (accelerate starts
+them only from GPUs); everything else is the library's and the engine's own code.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_model, toy_rows, trainer_args
+
+from hf_contaccum import BiEncoder, ContAccumTrainer
+
+pytest.importorskip("deepspeed", reason="pip install deepspeed (CI installs it)")
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "accelerate_configs")
+ENGINES = {"ddp": ("cpu_2proc.yaml", None), "deepspeed_zero2": ("deepspeed_zero2.yaml", "deepspeed"),
+           "deepspeed_zero3": ("deepspeed_zero3.yaml", "deepspeed"), "fsdp2": ("fsdp.yaml", "fsdp")}
+ROWS, NEGATIVES = 48, 1
+ARGS = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 4, "memory_bank_size": 10,
+        "bank_hard_negatives": True, "mask_false_negatives": True, "save_strategy": "steps", "save_steps": 2}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu_copy(engine, tmp_path):
+    """The shipped config with the device fields set for 2 CPU processes."""
+    name, _ = ENGINES[engine]
+    with open(os.path.join(CONFIG_DIR, name)) as f:
+        config = yaml.safe_load(f)
+    config.update(num_processes=2, mixed_precision="no", main_process_port=_free_port(), num_machines=1)
+    config.pop("gpu_ids", None)
+    path = tmp_path / f"{engine}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _launch(engine, tmp_path, out, init, **overrides):
+    _, forced = ENGINES[engine]
+    args = dict(ARGS, use_cpu=forced is None, **overrides.pop("args", {}))
+    config = {"rows": ROWS, "negatives": NEGATIVES, "engine": forced, "init": str(init), "args": args, **overrides}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", _cpu_copy(engine, tmp_path),
+           WORKER, str(out), json.dumps(config)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return proc
+
+
+def _result(proc, out):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((out / "result.json").read_text()), torch.load(out / "params.pt")
+
+
+@pytest.fixture(scope="module")
+def init_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("init")
+    tiny_model().save_pretrained(path)
+    return path
+
+
+def _single_process(tmp_path, init, tokenizer, **overrides):
+    from datasets import Dataset
+
+    args = dict(ARGS, per_device_train_batch_size=4, save_strategy="no", **overrides)
+    trainer = ContAccumTrainer(model=BiEncoder.from_pretrained(str(init)), args=trainer_args(tmp_path, **args),
+                               train_dataset=Dataset.from_list(toy_rows(ROWS, NEGATIVES)), processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+def _assert_same_training(result, params, trainer, atol=1e-6):
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert result["losses"] == pytest.approx(losses, rel=1e-5)
+    for name, value in trainer.model.state_dict().items():
+        if name.endswith("attention.self.key.bias"):  # gradient exactly 0: both hold Adam's round-off (see test_distributed)
+            assert value.abs().max() < 1e-5 and params[name].abs().max() < 1e-5, name
+            continue
+        assert torch.allclose(value, params[name].float(), atol=atol), (name, (value - params[name]).abs().max())
+    bank = trainer.memory_bank
+    assert result["checksums"][0] == result["checksums"][1]  # one global bank on both ranks
+    assert result["checksums"][0][3:] == [bank.ptr, bank.fill]
+    assert result["checksums"][0][0] == pytest.approx(float(bank.queries.double().sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_engine_trains_checkpoints_and_resumes_exactly(engine, tmp_path, init_model, tokenizer):
+    out = tmp_path / "run"
+    result, params = _result(_launch(engine, tmp_path, out, init_model), out)
+    _assert_same_training(result, params, _single_process(tmp_path / "single", init_model, tokenizer))
+    checkpoint = out / "out" / "checkpoint-2"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {"contaccum_bank_rank0.pt", "contaccum_bank_rank1.pt"} <= files, files
+    if engine.startswith("deepspeed"):
+        assert "global_step2" in files, files  # the engine's own sharded checkpoint
+    # resume from step 2 in a fresh launch: the same steps 3-4, parameters and bank as uninterrupted
+    resumed_out = tmp_path / "resumed"
+    resumed, resumed_params = _result(_launch(engine, tmp_path, resumed_out, init_model, resume=str(checkpoint)),
+                                      resumed_out)
+    assert resumed["steps"] == 4
+    assert resumed["losses"] == pytest.approx(result["losses"], rel=1e-6)  # steps 1-2 come from trainer_state.json
+    assert resumed["checksums"] == result["checksums"]
+    for name, value in params.items():
+        assert torch.equal(value, resumed_params[name]), name
+
+
+@pytest.mark.parametrize("engine", ["deepspeed_zero2", "fsdp2"])
+def test_gradcache_under_sharding_engine_equals_one_process(engine, tmp_path, init_model, tokenizer):
+    """DeepSpeed reduces a gradient as it is accumulated and refuses a second one per step; GradCache
+    then hands each parameter the sum of its chunks once (gradcache.py)."""
+    out = tmp_path / "run"
+    proc = _launch(engine, tmp_path, out, init_model, args={"gradcache_chunk_size": 1, "save_strategy": "no"})
+    result, params = _result(proc, out)
+    single = _single_process(tmp_path / "single", init_model, tokenizer, gradcache_chunk_size=1)
+    _assert_same_training(result, params, single, atol=5e-6)
+
+
+def test_gradcache_under_zero3_is_refused_before_training(tmp_path, init_model):
+    proc = _launch("deepspeed_zero3", tmp_path, tmp_path / "run", init_model,
+                   args={"gradcache_chunk_size": 1, "save_strategy": "no"})
+    assert proc.returncode != 0
+    assert "does not work under DeepSpeed ZeRO-3" in proc.stderr and "ZeRO-2" in proc.stderr
+
+
+def test_two_machines_documented_command(tmp_path, init_model, tokenizer):
+    """README's multi-node command, with two launches on this machine standing in for two machines
+    (--num_machines 2, one process each, machine 0's address and port): the same training as one process."""
+    port, out = str(_free_port()), tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    config = json.dumps({"rows": ROWS, "negatives": NEGATIVES, "init": str(init_model),
+                         "args": dict(ARGS, save_strategy="no")})
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIG_DIR, "cpu_2proc.yaml"),
+         "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", port, "--num_processes", "2", WORKER, str(out), config],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outputs = [machine.communicate(timeout=300) for machine in machines]
+    for machine, (stdout, stderr) in zip(machines, outputs):
+        assert machine.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    result, params = json.loads((out / "result.json").read_text()), torch.load(out / "params.pt")
+    _assert_same_training(result, params, _single_process(tmp_path / "single", init_model, tokenizer))
