@@ -124,12 +124,18 @@ class ContrastiveCollator:
     keeps hard negatives holds the number of its first batch to every later one."""
 
     def __init__(self, tokenizer, query_max_length: int = 64, passage_max_length: int = 256,
-                 max_hard_negatives: int | None = None):
+                 max_hard_negatives: int | None = None, prompts: dict | None = None):
         self.tokenizer = tokenizer
         self.query_max_length = query_max_length
         self.passage_max_length = passage_max_length
         self.max_hard_negatives = max_hard_negatives
+        self.prompts = dict(prompts or {})  # {"query": ..., "passage": ...}, the model's (BiEncoderConfig.prompts)
         self._columns = None
+
+    def _texts(self, parsed):
+        """Queries and passages (each row's positive, then its hard negatives) with their prompts."""
+        q, p = self.prompts.get("query", ""), self.prompts.get("passage", "")
+        return [q + r[0] for r in parsed], [[p + t for t in (r[1], *r[2])] for r in parsed]
 
     def _tokenize(self, texts, max_length, prefix):
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -144,8 +150,8 @@ class ContrastiveCollator:
             self._columns = ColumnMap.from_columns(rows[0].keys())
         parsed = [self._columns.texts(r, f"batch row {i}", self.max_hard_negatives) for i, r in enumerate(rows)]
         h = _same_number_of_negatives([len(p[2]) for p in parsed])
-        queries = [p[0] for p in parsed]
-        passages = [p[1] for p in parsed] + [neg for p in parsed for neg in p[2]]
+        queries, row_passages = self._texts(parsed)
+        passages = [r[0] for r in row_passages] + [neg for r in row_passages for neg in r[1:]]
         batch = self._tokenize(queries, self.query_max_length, "query")
         batch.update(self._tokenize(passages, self.passage_max_length, "passage"))
         batch["passage_keys"] = torch.tensor([p[3] for p in parsed], dtype=torch.long)
@@ -158,8 +164,9 @@ class ContrastiveCollator:
         columns = ColumnMap.from_columns(batch.keys())
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         parsed = [columns.texts(r, f"row {i}", self.max_hard_negatives) for i, r in enumerate(rows)]
-        queries = self.tokenizer([p[0] for p in parsed], truncation=True, max_length=self.query_max_length)
-        passages = self.tokenizer([t for p in parsed for t in (p[1], *p[2])], truncation=True,
+        query_texts, row_passages = self._texts(parsed)
+        queries = self.tokenizer(query_texts, truncation=True, max_length=self.query_max_length)
+        passages = self.tokenizer([t for r in row_passages for t in r], truncation=True,
                                   max_length=self.passage_max_length)
         starts = [0]
         for p in parsed:

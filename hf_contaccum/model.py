@@ -6,6 +6,8 @@ tower also loads with AutoModel.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -23,19 +25,25 @@ from transformers.utils import ModelOutput
 
 from .model_card import model_name_for_card
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "last")  # "last": the last attended token (decoder LLM embedders)
+ST_POOLING = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "last": "pooling_mode_lasttoken"}
+SIDES = ("query", "passage")
 SIMILARITIES = {"dot": "dot", "cos": "cosine"}  # ours -> sentence-transformers' similarity_fn_name
 
 
 class BiEncoderConfig(PretrainedConfig):
     model_type = "contaccum_biencoder"
 
-    def __init__(self, encoder_config=None, shared=True, pooling="mean", normalize=False, similarity="dot", **kwargs):
+    def __init__(self, encoder_config=None, shared=True, pooling="mean", normalize=False, similarity="dot",
+                 prompts=None, peft_config=None, **kwargs):
         super().__init__(**kwargs)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {tuple(SIMILARITIES)}, got {similarity!r}")
+        prompts = dict(prompts or {})
+        if set(prompts) - set(SIDES) or not all(isinstance(v, str) for v in prompts.values()):
+            raise ValueError(f"prompts maps 'query' and/or 'passage' to a text put before every such text, got {prompts!r}")
         if isinstance(encoder_config, PretrainedConfig):
             encoder_config = encoder_config.to_dict()
         self.encoder_config = encoder_config or {}
@@ -43,6 +51,8 @@ class BiEncoderConfig(PretrainedConfig):
         self.pooling = pooling
         self.normalize = normalize
         self.similarity = similarity  # how a query and a passage are scored; ContAccumTrainer sets it
+        self.prompts = prompts  # {"query": "query: ", "passage": "passage: "}: prepended in training and encoding
+        self.peft_config = peft_config  # a PEFT (e.g. LoRA) config as a dict: the towers carry adapters
 
 
 @dataclass
@@ -56,6 +66,47 @@ def _encoder_from_config(config_dict: dict):
     return AutoModel.from_config(cfg)
 
 
+def _with_adapters(tower, peft_config):
+    """The tower wrapped in a PEFT model (only the adapters train); a tower that has them already is kept."""
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+    if peft_config is None or isinstance(tower, PeftModel):
+        return tower
+    if isinstance(peft_config, dict):
+        peft_config = PeftConfig.from_peft_type(**peft_config)
+    wrapped = get_peft_model(tower, copy.deepcopy(peft_config))  # a copy each: get_peft_model fills it in
+    adapter = wrapped.peft_config["default"]
+    # a tower rebuilt from a config has no path: keep the base model the adapters were trained on
+    adapter.base_model_name_or_path = adapter.base_model_name_or_path or peft_config.base_model_name_or_path
+    return wrapped
+
+
+def _peft_config_dict(peft_config) -> dict:
+    """JSON-ready: target module sets become sorted lists."""
+    return json.loads(json.dumps(peft_config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+def ensure_eos(tokenizer) -> None:
+    """Make a fast tokenizer end every text with its EOS token (decoder embedders pool the last token, and
+    EOS is the token trained to summarise the text). Done in the tokenizer's own post-processor, so that
+    it is saved with it and every loader (ours, transformers, sentence-transformers) tokenises alike;
+    truncation keeps room for it."""
+    from tokenizers.processors import TemplateProcessing
+
+    if tokenizer.eos_token is None:
+        raise ValueError("append_eos needs a tokenizer with an eos_token")
+    if tokenizer("a")["input_ids"][-1] == tokenizer.eos_token_id:
+        return
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("append_eos needs a fast tokenizer (its post-processor appends the EOS token)")
+    bos = tokenizer.bos_token if tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id else None
+    first = f"{bos} " if bos else ""
+    special = [(t, tokenizer.convert_tokens_to_ids(t)) for t in dict.fromkeys(filter(None, [bos, tokenizer.eos_token]))]
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{first}$A {tokenizer.eos_token}", pair=f"{first}$A {tokenizer.eos_token} $B:1 {tokenizer.eos_token}:1",
+        special_tokens=special)
+
+
 class BiEncoder(PreTrainedModel):
     """Query and passage towers (one shared tower or two), pooling, optional L2 norm."""
 
@@ -64,15 +115,24 @@ class BiEncoder(PreTrainedModel):
     # The Trainer must not treat this as a model that scales its own loss (see trainer.py).
     accepts_loss_kwargs = False
 
+    supports_gradient_checkpointing = True
+
     def __init__(self, config: BiEncoderConfig, query_encoder=None, passage_encoder=None):
         super().__init__(config)
-        self.query_encoder = query_encoder if query_encoder is not None else _encoder_from_config(config.encoder_config)
+        peft = getattr(config, "peft_config", None)
+        self.query_encoder = _with_adapters(
+            query_encoder if query_encoder is not None else _encoder_from_config(config.encoder_config), peft)
         if not config.shared:
-            self.passage_encoder = (passage_encoder if passage_encoder is not None
-                                    else _encoder_from_config(config.encoder_config))
+            self.passage_encoder = _with_adapters(passage_encoder if passage_encoder is not None
+                                                  else _encoder_from_config(config.encoder_config), peft)
         self.tokenizer = None
         self.post_init()
         self._freeze_unused_poolers()
+        base = getattr(self.query_encoder, "get_base_model", lambda: self.query_encoder)()
+        parameters = inspect.signature(base.forward).parameters
+        # decoders take no token types (a BERT-style tokenizer still makes them), and must not build a KV cache
+        self._takes_token_types = "token_type_ids" in parameters
+        self._takes_use_cache = "use_cache" in parameters
 
     def _freeze_unused_poolers(self):
         """A tower's own pooler (BERT's dense+tanh on [CLS]) is never used: we pool the hidden states.
@@ -83,6 +143,14 @@ class BiEncoder(PreTrainedModel):
             pooler = getattr(tower, "pooler", None)
             if isinstance(pooler, torch.nn.Module):
                 pooler.requires_grad_(False)
+
+    def _restore_trainable(self):
+        """transformers 5 rebuilds the parameters while loading, every one trainable again: freeze what was
+        frozen (the base weights under adapters, the unused poolers)."""
+        for tower in [self.query_encoder] + ([] if self.config.shared else [self.passage_encoder]):
+            if hasattr(tower, "base_model") and hasattr(tower.base_model, "_mark_only_adapters_as_trainable"):
+                tower.base_model._mark_only_adapters_as_trainable(tower.base_model.model)  # PEFT's own rule
+        self._freeze_unused_poolers()
 
     def _init_weights(self, module):
         # towers are initialised by their own classes (or loaded); nothing to add here
@@ -99,25 +167,54 @@ class BiEncoder(PreTrainedModel):
     # -- construction ----------------------------------------------------------------
     @classmethod
     def from_encoder(cls, name_or_path: str, shared: bool = True, pooling: str = "mean",
-                     normalize: bool = False, **hub_kwargs) -> BiEncoder:
-        """Build from any transformers encoder checkpoint (hub id or local folder)."""
+                     normalize: bool = False, prompts: dict | None = None, peft_config=None,
+                     append_eos: bool = False, **hub_kwargs) -> BiEncoder:
+        """Build from any transformers encoder or decoder checkpoint (hub id or local folder).
+
+        prompts: {"query": ..., "passage": ...} put before every query / passage, in training, evaluation,
+        and in the saved sentence-transformers files. peft_config: e.g. peft.LoraConfig(...): each tower
+        trains adapters only. append_eos: end every text with the tokenizer's EOS token (decoder
+        embedders with pooling="last"). A tokenizer without a pad token pads with its EOS token."""
         query = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
         passage = None if shared else AutoModel.from_pretrained(name_or_path, **hub_kwargs)
-        config = BiEncoderConfig(query.config, shared=shared, pooling=pooling, normalize=normalize,
+        config = BiEncoderConfig(query.config, shared=shared, pooling=pooling, normalize=normalize, prompts=prompts,
+                                 peft_config=_peft_config_dict(peft_config) if peft_config is not None else None,
                                  base_model_name=model_name_for_card(name_or_path))  # never a local path
-        model = cls(config, query_encoder=query, passage_encoder=passage)
-        model.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+        model = cls(config, query_encoder=_with_adapters(query, peft_config),
+                    passage_encoder=_with_adapters(passage, peft_config) if passage is not None else None)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # decoder tokenizers often have none; masked out anyway
+        if append_eos:
+            ensure_eos(tokenizer)
+        model.tokenizer = tokenizer
         return model
 
     @classmethod
-    def from_encoder_config(cls, encoder_config: PretrainedConfig, shared=True, pooling="mean", normalize=False):
+    def from_encoder_config(cls, encoder_config: PretrainedConfig, shared=True, pooling="mean", normalize=False,
+                            prompts=None, peft_config=None):
         """Randomly initialised towers from a config (tests, or training from scratch)."""
-        return cls(BiEncoderConfig(encoder_config, shared=shared, pooling=pooling, normalize=normalize))
+        peft = _peft_config_dict(peft_config) if peft_config is not None else None
+        return cls(BiEncoderConfig(encoder_config, shared=shared, pooling=pooling, normalize=normalize,
+                                   prompts=prompts, peft_config=peft))
+
+    def merge_adapters(self) -> BiEncoder:
+        """Fold PEFT adapters into the towers' weights (in place): the model then saves and loads as plain
+        towers everywhere, with the same embeddings. Returns self."""
+        if self.config.peft_config is None:
+            return self
+        self.query_encoder = self.query_encoder.merge_and_unload()
+        if not self.config.shared:
+            self.passage_encoder = self.passage_encoder.merge_and_unload()
+        self.config.peft_config = None
+        self.requires_grad_(True)
+        self._freeze_unused_poolers()
+        return self
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
-        model._freeze_unused_poolers()  # transformers 5 rebuilds the parameters while loading: frozen again
+        model._restore_trainable()
         try:  # the Trainer saves the tokenizer beside the weights
             model.tokenizer = AutoTokenizer.from_pretrained(args[0] if args else kwargs["pretrained_model_name_or_path"])
         except (OSError, ValueError, KeyError):
@@ -159,13 +256,19 @@ class BiEncoder(PreTrainedModel):
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
                             "type": "sentence_transformers.models.Normalize"})
             os.makedirs(os.path.join(root, "2_Normalize"), exist_ok=True)
-        pooling = {"word_embedding_dimension": dim, "pooling_mode_cls_token": self.config.pooling == "cls",
-                   "pooling_mode_mean_tokens": self.config.pooling == "mean", "pooling_mode_max_tokens": False,
-                   "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}
+        pooling = {"word_embedding_dimension": dim, "pooling_mode_max_tokens": False,
+                   "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True,
+                   **{key: self.config.pooling == name for name, key in ST_POOLING.items()}}
+        st_config = {"similarity_fn_name": SIMILARITIES[self.config.similarity]}
+        if self.config.prompts:  # encode(texts, prompt_name="query"); "document" is what encode_document looks up
+            prompts = dict(self.config.prompts)
+            if "passage" in prompts:
+                prompts["document"] = prompts["passage"]
+            st_config.update(prompts=prompts, default_prompt_name=None)
         files = {"modules.json": modules, "1_Pooling/config.json": pooling,
                  "query_encoder/sentence_bert_config.json": {"max_seq_length": min(int(max_len), 512),
                                                              "do_lower_case": False},
-                 "config_sentence_transformers.json": {"similarity_fn_name": SIMILARITIES[self.config.similarity]}}
+                 "config_sentence_transformers.json": st_config}
         for rel, content in files.items():
             os.makedirs(os.path.dirname(os.path.join(root, rel)) or root, exist_ok=True)
             with open(os.path.join(root, rel), "w") as f:
@@ -193,6 +296,11 @@ class BiEncoder(PreTrainedModel):
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.config.pooling == "cls":
             out = hidden[:, 0]
+        elif self.config.pooling == "last":
+            # the last attended position: the end of the text with right padding, the final column with left
+            positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            last = (attention_mask.bool() * positions).argmax(1)
+            out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -200,8 +308,10 @@ class BiEncoder(PreTrainedModel):
 
     def _embed(self, tower, input_ids, attention_mask, token_type_ids=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
+        if token_type_ids is not None and self._takes_token_types:
             kwargs["token_type_ids"] = token_type_ids
+        if self._takes_use_cache:
+            kwargs["use_cache"] = False
         return self.pool(tower(**kwargs).last_hidden_state, attention_mask)
 
     def forward(self, query_input_ids=None, query_attention_mask=None, passage_input_ids=None,
@@ -223,9 +333,10 @@ class BiEncoder(PreTrainedModel):
             raise ValueError("no tokenizer: pass tokenizer=... or load the model with from_encoder/from_pretrained")
         was_training = self.training
         self.eval()
+        prompt = (self.config.prompts or {}).get(side, "")
         out = []
         for start in tqdm(range(0, len(texts), batch_size), desc=f"encode {side}", disable=not show_progress):
-            batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+            batch = tokenizer([prompt + t for t in texts[start:start + batch_size]], padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt").to(self.device)
             kwargs = {f"{side}_{k}": v for k, v in batch.items()}
             emb = self(**kwargs)[f"{side}_embeddings"]

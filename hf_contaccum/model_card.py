@@ -27,6 +27,12 @@ _SKIP_EVAL = ("runtime", "per_second", "epoch", "steps")
 SIMILARITY_WORDS = {"cos": "cosine similarity", "dot": "dot product"}
 
 
+def _adapter_words(peft_config: dict) -> str:
+    targets = peft_config.get("target_modules")
+    return (f"{peft_config.get('peft_type', 'PEFT')} r {peft_config.get('r')}, alpha {peft_config.get('lora_alpha')}, "
+            f"on {', '.join(targets) if isinstance(targets, list) else targets}")
+
+
 def _versions():
     import accelerate
     import datasets
@@ -115,6 +121,8 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
               f"| similarity | {args.similarity} |",
               (f"| towers | {'shared' if model.config.shared else 'separate'}, {model.config.pooling} pooling"
                f"{', L2-normalised' if model.config.normalize else ''} |"),
+              *[f"| {side} prompt | `{prompt!r}` |" for side, prompt in (model.config.prompts or {}).items()],
+              *([f"| adapters | {_adapter_words(model.config.peft_config)} |"] if model.config.peft_config else []),
               f"| GradCache chunk | {args.gradcache_chunk_size or 'off'} |",
               f"| banked hard negatives | {args.bank_hard_negatives} |",
               f"| learning rate / max grad norm | {args.learning_rate} / {args.max_grad_norm} |",
@@ -143,11 +151,18 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
               'q = model.encode_queries(["what is a dense retriever?"])',
               'p = model.encode_passages(["A dense retriever encodes queries and passages as vectors."])',
               f"scores = model.similarity(q, p)  # {SIMILARITY_WORDS[args.similarity]}, as in training", "```", "",
+              *([("The prompts are saved with the model and applied by `encode_queries`/`encode_passages`; in "
+                  "sentence-transformers pass `prompt_name=\"query\"` or `\"passage\"` to `encode` (or use "
+                  "`encode_query`/`encode_document`).")] if model.config.prompts else []),
               ("Each tower is also an ordinary transformers encoder in `query_encoder/` (and `passage_encoder/` "
                "for separate towers): `AutoModel.from_pretrained(repo, subfolder=\"query_encoder\")`.")]
     if model.config.shared:
         lines += [("With a shared tower the folder is also a sentence-transformers model: "
                    f"`SentenceTransformer(repo)`, whose `similarity` is the same {SIMILARITY_WORDS[args.similarity]}.")]
+    if model.config.peft_config:
+        lines += [("The towers carry PEFT adapters: `query_encoder/` holds the adapter (load it with "
+                   "`PeftModel.from_pretrained(AutoModel.from_pretrained(base), path)`); `model.merge_adapters()` "
+                   "before saving gives plain towers.")]
     lines += ["", "## Framework versions", ""]
     lines += [f"- {k}: {v}" for k, v in _versions().items()]
     lines += ["", "## Citation", "", "```bibtex", CONTACCUM_BIBTEX, "", GRADCACHE_BIBTEX, "```", ""]

@@ -111,7 +111,8 @@ class ContAccumTrainer(Trainer):
                 raise ValueError("the model has no tokenizer: pass processing_class=<tokenizer> (or a data_collator) "
                                  "to ContAccumTrainer, or build the model with BiEncoder.from_encoder(...)")
             data_collator = ContrastiveCollator(tokenizer, args.query_max_length, args.passage_max_length,
-                                                args.max_hard_negatives)
+                                                args.max_hard_negatives,
+                                                prompts=getattr(getattr(model, "config", None), "prompts", None))
             processing_class = tokenizer
             if args.tokenize_once:  # a step then only pads; an IterableDataset is tokenised as it streams
                 if isinstance(train_dataset, datasets.Dataset):

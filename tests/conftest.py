@@ -88,3 +88,37 @@ def trainer_args(tmp_path, **overrides):
                 "query_max_length": 16, "passage_max_length": 24}
     defaults.update(overrides)
     return ContAccumTrainingArguments(**defaults)
+
+
+def make_decoder_tokenizer():
+    """The same characters as make_tokenizer, the way decoder tokenizers come: a BOS token in front, no EOS at
+    the end, no pad token (BiEncoder.from_encoder then pads with EOS, and append_eos adds it)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(make_tokenizer(None)._tokenizer)
+    backend.post_processor = TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 2)])
+    backend.no_padding()
+    backend.no_truncation()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="[CLS]", eos_token="[SEP]", unk_token="[UNK]")
+
+
+def tiny_decoder_config(family="llama"):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    kwargs = {"vocab_size": 100, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64,
+              "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 3}
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family](**kwargs)
+
+
+def saved_base_model(path, config, tokenizer, seed=0):
+    """A randomly initialised transformers model and its tokenizer in a folder, as from_encoder expects."""
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    AutoModel.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -33,3 +33,26 @@ def naive_contaccum_loss(q, p, hn, bq, bp, bhn, temperature=1.0, keys=None, cos=
         same[torch.arange(n + m), targets] = False
         S = S.masked_fill(same, float("-inf"))
     return F.cross_entropy(S, targets)
+
+
+def chunked_reference_grads(trainer, model, batch, chunk, seed, k):
+    """The gradients GradCache must reproduce: its forward calls (chunk_schedule, paired) run WITH a graph,
+    in order, from the same seed (same dropout masks), one naive loss over the batch, one backward."""
+    import torch
+
+    from hf_contaccum.data import side_features
+    from hf_contaccum.gradcache import chunk_schedule, slice_features
+
+    n, h = batch["hard_negative_keys"].shape
+    torch.manual_seed(seed)
+    model.train()
+    columns = {side: side_features(batch, side) for side in ("query", "passage")}
+    names = list(columns)
+    calls = chunk_schedule([n, n * (1 + h)], chunk, paired=True)
+    reps = [trainer.embed(model, {names[c]: slice_features(columns[names[c]], *rows) for c, rows in call.items()})
+            for call in calls]
+    q = torch.cat([r["query"] for r in reps if "query" in r])
+    passages = torch.cat([r["passage"] for r in reps])
+    empty = q.new_zeros(0, q.shape[1])
+    (naive_contaccum_loss(q, passages[:n], passages[n:].view(n, h, -1), empty, empty, None) / k).backward()
+    return {name: prm.grad.clone() for name, prm in model.named_parameters() if prm.grad is not None}

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_model, trainer_args
-from reference import naive_contaccum_loss
+from reference import chunked_reference_grads, naive_contaccum_loss
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 
@@ -36,24 +36,7 @@ def test_gradcache_gradients_equal_full_batch(tmp_path, tokenizer, toy_dataset, 
     if chunk == 18:
         reference = _reference_grads(copy.deepcopy(model), batch, seed=7, k=2)
     else:  # the reference runs GradCache's forward calls with a graph, in order, from the same seed
-        reference_model = copy.deepcopy(model)
-        torch.manual_seed(7)
-        reference_model.train()
-        from hf_contaccum.data import side_features
-        from hf_contaccum.gradcache import chunk_schedule, slice_features
-
-        columns = {side: side_features(batch, side) for side in ("query", "passage")}
-        calls = chunk_schedule([6, 6 * 3], chunk, paired=True)  # 6 queries; 6 positives + 12 hard negatives
-        names = list(columns)
-        reps = [trainer.embed(reference_model, {names[c]: slice_features(columns[names[c]], *rows)
-                                                for c, rows in call.items()}) for call in calls]
-        q = torch.cat([r["query"] for r in reps if "query" in r])
-        passages = torch.cat([r["passage"] for r in reps])
-        p, hn = passages[:6], passages[6:].view(6, 2, -1)
-        empty = q.new_zeros(0, q.shape[1])
-        (naive_contaccum_loss(q, p, hn, empty, empty, None) / 2).backward()
-        reference = {name: prm.grad.clone() for name, prm in reference_model.named_parameters()
-                     if prm.grad is not None}  # the unused BERT pooler gets none
+        reference = chunked_reference_grads(trainer, copy.deepcopy(model), batch, chunk, seed=7, k=2)
     torch.manual_seed(7)
     loss = trainer.training_step(model, batch)
     assert loss.item() > 0
