@@ -47,8 +47,29 @@ class ModelArguments:
         "help": "Encoder checkpoint (hub id or local folder) that both towers start from."})
     shared_encoder: bool = field(default=False, metadata={
         "help": "One tower for queries and passages (default: two towers, as DPR and the paper)."})
-    pooling: str = field(default="cls", metadata={"help": "Pooling: 'cls' (DPR, the paper) or 'mean'."})
+    pooling: str = field(default="cls", metadata={
+        "help": "Pooling: 'cls' (DPR, the paper), 'mean', or 'last' (the last token: decoder LLM embedders)."})
     normalize: bool = field(default=False, metadata={"help": "L2-normalise the vectors."})
+    query_prompt: str | None = field(default=None, metadata={
+        "help": "Text put before every query, in training, evaluation and the saved model (e.g. 'query: ')."})
+    passage_prompt: str | None = field(default=None, metadata={"help": "Text put before every passage."})
+    append_eos: bool = field(default=False, metadata={
+        "help": "End every text with the tokenizer's EOS token (decoders with --pooling last)."})
+    lora_r: int = field(default=0, metadata={"help": "Train LoRA adapters of this rank instead of every weight (0: off)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "Comma-separated module names that get adapters (e.g. query,value or q_proj,v_proj), or all-linear."})
+
+
+def peft_config(model_args: ModelArguments):
+    if not model_args.lora_r:
+        return None
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules=targets if targets == "all-linear" else targets.split(","))
 
 
 @dataclass
@@ -112,8 +133,11 @@ def main(argv=None):
         torch.cuda.set_per_process_memory_fraction(min(1.0, data.max_memory_gb / total), args.device)
         logger.info("CUDA memory capped at %.1f of %.1f GB", data.max_memory_gb, total)
 
+    prompts = {side: text for side, text in (("query", model_args.query_prompt), ("passage", model_args.passage_prompt))
+               if text}
     model = BiEncoder.from_encoder(model_args.model_name_or_path, shared=model_args.shared_encoder,
-                                   pooling=model_args.pooling, normalize=model_args.normalize)
+                                   pooling=model_args.pooling, normalize=model_args.normalize, prompts=prompts,
+                                   peft_config=peft_config(model_args), append_eos=model_args.append_eos)
     train = load_train(data)
     evaluator = load_evaluator(data, args)
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=train, evaluator=evaluator,

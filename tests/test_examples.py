@@ -69,6 +69,29 @@ def test_run_msmarco_trains_end_to_end_on_local_files(tmp_path, tiny_checkpoint)
     assert reloaded.encode_queries(["apple banana"]).shape == (1, 16)
 
 
+def test_cli_trains_a_lora_decoder_with_prompts(tmp_path):
+    from conftest import make_decoder_tokenizer, saved_base_model, tiny_decoder_config
+
+    from hf_contaccum import BiEncoder
+
+    base = saved_base_model(tmp_path / "qwen", tiny_decoder_config("qwen2"), make_decoder_tokenizer())
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(16)))
+    out = tmp_path / "out"
+    _load("run_msmarco").main([
+        "--model_name_or_path", base, "--train_file", str(train_file), "--output_dir", str(out), "--shared_encoder",
+        "--pooling", "last", "--append_eos", "--query_prompt", "Instruct: find the passage\nQuery: ",
+        "--lora_r", "2", "--lora_target_modules", "q_proj,v_proj", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--memory_bank_size", "8",
+        "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"])
+    model = BiEncoder.from_pretrained(out)
+    assert model.config.pooling == "last" and model.config.peft_config["r"] == 2
+    assert model.config.prompts == {"query": "Instruct: find the passage\nQuery: "}
+    assert model.tokenizer("ab")["input_ids"][-1] == model.tokenizer.eos_token_id
+    assert (out / "query_encoder" / "adapter_config.json").exists()
+    assert "| adapters | LORA r 2" in (out / "README.md").read_text()
+
+
 def test_run_msmarco_help_documents_every_option():
     script = os.path.join(EXAMPLES, "run_msmarco.py")
     out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout
