@@ -55,6 +55,12 @@ class ContAccumLoss(nn.Module):
             gradient), so the bank is one global pool, identical on every rank.
         bank_chunk_size: bank slots per cached log-sum-exp block (advanced; default: max(16, N_mem / d), which
             keeps the cache below the bank vectors' own size at any N_mem).
+        bank_weight: staleness control, 0 < w <= 1 (default 1, the paper). Every banked entry counts w times:
+            a banked column adds w (not 1) to a row's softmax denominator (its logit gets + log w), and a
+            banked row weighs w in the mean over rows. w -> 0 tends to gradient accumulation.
+
+    Attribute `read_bank` (default True): False keeps filling the bank without reading it (a bank
+    warm-up: ContAccumTrainer's bank_warmup_steps sets it).
 
     Call it in train mode under autograd on (queries (n, d), positives (n, d), positive keys (n,),
     hard negatives (n, H, d), their keys (n, H)); it returns the mean loss over the
@@ -65,8 +71,10 @@ class ContAccumLoss(nn.Module):
     def __init__(self, memory_bank_size: int = 0, temperature: float = 1.0, similarity: str = "dot", *,
                  query_bank_size: int | None = None, bank_hard_negatives: bool = False,
                  mask_false_negatives: bool = True, gather_across_devices: bool = False,
-                 bank_chunk_size: int | None = None):
+                 bank_chunk_size: int | None = None, bank_weight: float = 1.0):
         super().__init__()
+        if not 0 < bank_weight <= 1:
+            raise ValueError(f"bank_weight must be in (0, 1] (1: every banked entry counts fully), got {bank_weight}")
         query_bank_size = memory_bank_size if query_bank_size is None else query_bank_size
         if query_bank_size < 0 or memory_bank_size < 0:
             raise ValueError("memory bank sizes are numbers of samples and must be >= 0 (0 disables the bank)")
@@ -81,6 +89,8 @@ class ContAccumLoss(nn.Module):
         self.query_bank_size = query_bank_size
         self.temperature = float(temperature)
         self.similarity = similarity
+        self.bank_weight = float(bank_weight)
+        self.read_bank = True
         self.mask_false_negatives = mask_false_negatives
         self.gather_across_devices = gather_across_devices
         self.bank = MemoryBank(memory_bank_size, bank_hard_negatives)
@@ -157,20 +167,21 @@ class ContAccumLoss(nn.Module):
             keys.append(hard_negative_keys.flatten())
         cur_cols, cur_keys = torch.cat(cols), torch.cat(keys)
         bank = self.bank
-        banked = use_bank and bank.fill > 0
+        banked = use_bank and bank.fill > 0 and self.read_bank
+        log_w = math.log(self.bank_weight)  # 0 unless staleness is down-weighted
         targets = torch.arange(n, device=q.device) + rank * n
-        logits, all_keys = q @ cur_cols.T, cur_keys
+        logits, all_keys = q @ cur_cols.T / self.temperature, cur_keys
         if banked:  # banked columns: separate matmul, so the bank is read in place, never copied
             bvecs, bkeys = bank_columns(bank)
-            logits = torch.cat([logits, q @ bvecs.flatten(0, 1).T], 1)
+            bank_logits = q @ bvecs.flatten(0, 1).T / self.temperature
+            logits = torch.cat([logits, bank_logits + log_w if log_w else bank_logits], 1)
             all_keys = torch.cat([cur_keys, bkeys.flatten()])
-        logits = logits / self.temperature
         if self.mask_false_negatives:
             same = all_keys[None] == passage_keys[targets][:, None]
             same[torch.arange(n), targets] = False
             logits = logits.masked_fill(same, NEG_INF)
         total = F.cross_entropy(logits, targets, reduction="sum")
-        num_rows = n * world_size  # every rank's current rows count in the global mean
+        num_rows = counted = n * world_size  # every rank's current rows count in the global mean
 
         if banked and self.query_bank_size > 0:
             if self.query_bank_size >= bank.fill:
@@ -180,7 +191,8 @@ class ContAccumLoss(nn.Module):
                 newest = bank.newest(self.query_bank_size)
                 rows, total_bank_rows = newest[rank::world_size], len(newest)
             num_bank_rows = len(range(*rows.indices(bank.capacity))) if isinstance(rows, slice) else len(rows)
-            num_rows += total_bank_rows - num_bank_rows  # other ranks' share of the banked rows
+            weight = self.bank_weight
+            num_rows += weight * (total_bank_rows - num_bank_rows)  # other ranks' share of the banked rows
             if num_bank_rows:
                 if self.bank_lse.stale:
                     self.bank_lse.update(bank, torch.empty(0, dtype=torch.long), self.temperature,
@@ -189,11 +201,14 @@ class ContAccumLoss(nn.Module):
                 cur_logits = bq @ cur_cols.T / self.temperature
                 if self.mask_false_negatives:
                     cur_logits = cur_logits.masked_fill(cur_keys[None] == bank.passage_keys[rows][:, None], NEG_INF)
-                lse = torch.logaddexp(cur_logits.logsumexp(-1), self.bank_lse.row_lse(rows))
-                target = (bq * bank.passages[rows]).sum(-1) / self.temperature
-                total = total + (lse - target).sum()
-                num_rows += num_bank_rows
-        stats = LossStats(num_rows, logits.shape[1])
+                # the row's banked columns, its own positive included, count w each
+                lse = torch.logaddexp(cur_logits.logsumexp(-1), self.bank_lse.row_lse(rows) + log_w)
+                target = (bq * bank.passages[rows]).sum(-1) / self.temperature + log_w
+                total = total + weight * (lse - target).sum()
+                num_rows += weight * num_bank_rows
+            counted += total_bank_rows
+        stats = LossStats(counted, logits.shape[1])
+        # num_rows is the weighted count the mean divides by (= counted with bank_weight 1)
         # q @ banked columns saved the banked passages (for q's gradient); banked rows @ current columns
         # saved the banked queries (for the columns' gradient): once both gradients exist, the bank is free.
         return total * world_size / num_rows, stats, (q, cur_cols)

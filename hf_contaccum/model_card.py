@@ -125,6 +125,9 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
               *([f"| adapters | {_adapter_words(model.config.peft_config)} |"] if model.config.peft_config else []),
               f"| GradCache chunk | {args.gradcache_chunk_size or 'off'} |",
               f"| banked hard negatives | {args.bank_hard_negatives} |",
+              *([f"| bank weight (staleness) | {args.bank_weight} |"] if args.bank_weight != 1 else []),
+              *([f"| bank warm-up (steps without reading the bank) | {args.bank_warmup_steps} |"]
+                if args.bank_warmup_steps else []),
               f"| learning rate / max grad norm | {args.learning_rate} / {args.max_grad_norm} |",
               f"| optimizer steps | {trainer.state.global_step} |", ""]
     if world > 1:

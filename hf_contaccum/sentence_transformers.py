@@ -80,6 +80,9 @@ class ContAccumLoss(nn.Module):
             negative (in the batch or the bank).
         collapse_patience: with ContAccumBankCallback, stop with an error once every embedding has been the same
             vector for this many optimizer steps (0: off).
+        bank_weight: staleness control in (0, 1]: each banked entry counts this many times (1: the paper).
+        bank_warmup_steps: with ContAccumBankCallback, fill the bank without reading it for this many
+            optimizer steps (XBM's warm-up).
 
     Training updates the bank; evaluation (no grad or model.eval()) neither reads nor writes it.
     Add ContAccumBankCallback(loss) to the trainer so the bank is saved with every checkpoint
@@ -89,7 +92,8 @@ class ContAccumLoss(nn.Module):
     def __init__(self, model, memory_bank_size: int = 0, scale: float = 20.0, similarity_fct=cos_sim,
                  mini_batch_size: int | None = None, gather_across_devices: bool = False,
                  query_memory_bank_size: int | None = None, bank_hard_negatives: bool = False,
-                 mask_false_negatives: bool = True, bank_chunk_size: int | None = None, collapse_patience: int = 10):
+                 mask_false_negatives: bool = True, bank_chunk_size: int | None = None, collapse_patience: int = 10,
+                 bank_weight: float = 1.0, bank_warmup_steps: int = 0):
         super().__init__()
         if similarity_fct not in SIMILARITIES:
             raise ValueError(f"similarity_fct must be sentence_transformers.util.cos_sim or dot_score, got "
@@ -104,7 +108,8 @@ class ContAccumLoss(nn.Module):
         self.contaccum = core.ContAccumLoss(
             memory_bank_size, 1.0 / scale, SIMILARITIES[similarity_fct], query_bank_size=query_memory_bank_size,
             bank_hard_negatives=bank_hard_negatives, mask_false_negatives=mask_false_negatives,
-            gather_across_devices=gather_across_devices, bank_chunk_size=bank_chunk_size)
+            gather_across_devices=gather_across_devices, bank_chunk_size=bank_chunk_size, bank_weight=bank_weight)
+        self.bank_warmup_steps = bank_warmup_steps
         self.gradcache = GradCache(mini_batch_size) if mini_batch_size else None
         self.collapse_patience = collapse_patience
         self.checkpointed = False  # set by ContAccumBankCallback
@@ -152,7 +157,8 @@ class ContAccumLoss(nn.Module):
         return {"memory_bank_size": c.memory_bank_size, "query_memory_bank_size": c.query_bank_size,
                 "scale": self.scale, "similarity_fct": self.similarity_fct.__name__,
                 "mini_batch_size": self.mini_batch_size, "gather_across_devices": c.gather_across_devices,
-                "bank_hard_negatives": c.bank.keep_hard_negatives, "mask_false_negatives": c.mask_false_negatives}
+                "bank_hard_negatives": c.bank.keep_hard_negatives, "mask_false_negatives": c.mask_false_negatives,
+                "bank_weight": c.bank_weight, "bank_warmup_steps": self.bank_warmup_steps}
 
     @property
     def citation(self) -> str:
@@ -195,6 +201,9 @@ class ContAccumBankCallback(TrainerCallback):
                 f"the memory bank in {directory} was saved at step {self.loss.contaccum.restored_step}, but training "
                 f"resumes at step {state.global_step}: call loss.contaccum.load_checkpoint(<the checkpoint you resume "
                 "from>) before trainer.train(...)")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.loss.contaccum.read_bank = state.global_step >= self.loss.bank_warmup_steps
 
     def on_step_end(self, args, state, control, **kwargs):
         self.loss.contaccum.check_collapse(self.loss.collapse_patience)  # before the step's checkpoint

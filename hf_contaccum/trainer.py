@@ -69,6 +69,16 @@ class _TowerGradNorms(TrainerCallback):
         return {"grad_norm_ratio_towers": value}
 
 
+class _BankWarmUp(TrainerCallback):
+    """bank_warmup_steps: the bank fills from the first step but is read only from step N on."""
+
+    def __init__(self, loss: ContAccumLoss, steps: int):
+        self.loss, self.steps = loss, steps
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.loss.read_bank = state.global_step >= self.steps
+
+
 class _ResetBankEachStep(TrainerCallback):
     """reset_bank_each_step: empty the bank after every optimizer step (an ablation)."""
 
@@ -145,7 +155,8 @@ class ContAccumTrainer(Trainer):
         self.contrastive_loss = ContAccumLoss(
             args.passage_bank_size, args.temperature, args.similarity, query_bank_size=args.query_bank_size,
             bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives,
-            gather_across_devices=args.gather_across_devices, bank_chunk_size=args.bank_chunk_size)
+            gather_across_devices=args.gather_across_devices, bank_chunk_size=args.bank_chunk_size,
+            bank_weight=args.bank_weight)
         self.gradcache = GradCache(args.gradcache_chunk_size, paired=True) if args.gradcache_chunk_size else None
         config = getattr(self.model, "config", None)
         if config is not None and hasattr(config, "similarity"):
@@ -157,6 +168,8 @@ class ContAccumTrainer(Trainer):
             self.add_callback(self.tower_grad_norms)
         if args.reset_bank_each_step:
             self.add_callback(_ResetBankEachStep(self.contrastive_loss))
+        if args.bank_warmup_steps:
+            self.add_callback(_BankWarmUp(self.contrastive_loss, args.bank_warmup_steps))
 
     @property
     def memory_bank(self):

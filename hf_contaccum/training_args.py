@@ -28,6 +28,13 @@ class ContAccumTrainingArguments(TrainingArguments):
     reset_bank_each_step: bool = field(default=False, metadata={"help": (
         "Empty the bank after every optimizer step. Default False: the paper keeps entries from past encoders, "
         "and dropping them costs 2.3 Top@20 in its ablation.")})
+    bank_weight: float = field(default=1.0, metadata={"help": (
+        "Staleness control, in (0, 1]: every banked entry counts this many times (a banked negative adds w to a "
+        "query's softmax denominator, a banked query row weighs w in the mean). 1 is the paper; smaller trusts "
+        "vectors from past encoders less; towards 0 it becomes gradient accumulation.")})
+    bank_warmup_steps: int = field(default=0, metadata={"help": (
+        "Fill the bank but do not read it for the first N optimizer steps (XBM's warm-up: banked vectors go "
+        "stale fastest early, while the encoder moves most).")})
     mask_false_negatives: bool = field(default=True, metadata={"help": (
         "Never use a passage as a negative of a query it is relevant to: columns with the same passage id "
         "(column positive_id) or, without ids, the same text as the row's positive are masked.")})
@@ -77,6 +84,10 @@ class ContAccumTrainingArguments(TrainingArguments):
         if self.gradcache_chunk_size is not None and self.gradcache_chunk_size < 1:
             raise ValueError(f"gradcache_chunk_size must be >= 1 query per chunk (or None to disable), got "
                              f"{self.gradcache_chunk_size}")
+        if not 0 < self.bank_weight <= 1:
+            raise ValueError(f"bank_weight must be in (0, 1] (1: every banked entry counts fully), got {self.bank_weight}")
+        if self.bank_warmup_steps < 0:
+            raise ValueError(f"bank_warmup_steps must be >= 0, got {self.bank_warmup_steps}")
         if self.bank_chunk_size is not None and self.bank_chunk_size < 1:
             raise ValueError(f"bank_chunk_size must be >= 1, got {self.bank_chunk_size}")
         if self.query_bank_size > self.passage_bank_size:

@@ -3,8 +3,11 @@ import torch
 import torch.nn.functional as F
 
 
-def naive_contaccum_loss(q, p, hn, bq, bp, bhn, temperature=1.0, keys=None, cos=False):
+def naive_contaccum_loss(q, p, hn, bq, bp, bhn, temperature=1.0, keys=None, cos=False, bank_weight=1.0):
     """Paper eq. 5-7 written out: one (n+m) x (cols) score matrix, bank entries detached.
+
+    bank_weight w: each banked column enters every softmax w times (weights in the sum, not a logit
+    shift), each banked row weighs w in the weighted mean over rows.
 
     q, p: (n, d) current; hn: (n, H, d) or None; bq, bp: (m, d) bank; bhn: (m, Hb, d) or None.
     keys (optional): dict with 'p' (n,), 'hn' (n,H), 'bp' (m,), 'bhn' (m,Hb) for false-negative masks.
@@ -32,7 +35,13 @@ def naive_contaccum_loss(q, p, hn, bq, bp, bhn, temperature=1.0, keys=None, cos=
         same = kc[None] == kc[targets][:, None]
         same[torch.arange(n + m), targets] = False
         S = S.masked_fill(same, float("-inf"))
-    return F.cross_entropy(S, targets)
+    if bank_weight == 1.0:
+        return F.cross_entropy(S, targets)
+    column_w = torch.cat([torch.ones(n_cur_cols), torch.full((cols.shape[0] - n_cur_cols,), bank_weight)])
+    probs = torch.exp(S) * column_w  # weighted softmax, computed the long way
+    per_row = -torch.log(probs[torch.arange(n + m), targets] / probs.sum(1))
+    row_w = torch.cat([torch.ones(n), torch.full((m,), bank_weight)])
+    return (per_row * row_w).sum() / row_w.sum()
 
 
 def chunked_reference_grads(trainer, model, batch, chunk, seed, k):

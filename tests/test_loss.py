@@ -9,11 +9,12 @@ from hf_contaccum.loss import ContAccumLoss
 @pytest.mark.parametrize("bank_hn", [False, True])
 @pytest.mark.parametrize("mask", [False, True])
 @pytest.mark.parametrize("similarity", ["dot", "cos"])
-def test_gradients_match_naive_equations(bank_hn, mask, similarity):
+@pytest.mark.parametrize("bank_weight", [1.0, 0.3])
+def test_gradients_match_naive_equations(bank_hn, mask, similarity, bank_weight):
     torch.manual_seed(0)
     d, n, H, m, tau = 16, 4, 2, 10, 0.5
     loss_fn = ContAccumLoss(m, tau, similarity, bank_hard_negatives=bank_hn, mask_false_negatives=mask,
-                            bank_chunk_size=3)  # chunk does not divide m: edge chunks
+                            bank_chunk_size=3, bank_weight=bank_weight)  # chunk does not divide m: edge chunks
     for step in range(7):  # fills, wraps around twice
         q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
         hn = torch.randn(n, H, d, requires_grad=True)
@@ -34,7 +35,8 @@ def test_gradients_match_naive_equations(bank_hn, mask, similarity):
         grads = torch.autograd.grad(loss, [q, p, hn])
         assert bank.num_enqueued == (step + 1) * n  # enqueued by the backward, after it read the bank
         keys = {"p": pk, "hn": hk, "bp": bpk, "bhn": bhk} if mask else None
-        ref = naive_contaccum_loss(q, p, hn, bq, bp, bh, tau, keys=keys, cos=similarity == "cos")
+        ref = naive_contaccum_loss(q, p, hn, bq, bp, bh, tau, keys=keys, cos=similarity == "cos",
+                                   bank_weight=bank_weight)
         ref_grads = torch.autograd.grad(ref, [q, p, hn])
         assert torch.allclose(loss, ref, atol=1e-5, rtol=1e-5), (step, loss, ref)
         for g, r in zip(grads, ref_grads):
@@ -137,3 +139,28 @@ def test_grad_norm_ratio_is_taken_at_the_compared_unit_vectors():
     torch.nn.functional.cross_entropy(qn @ pn.T / 0.05, torch.arange(6)).backward()
     assert logged["grad_norm_ratio"] == pytest.approx(float(pn.grad.norm() / qn.grad.norm()), rel=1e-4)
     assert logged["grad_norm_ratio_raw"] == pytest.approx(float(p.grad.norm() / q.grad.norm()), rel=1e-4)
+
+
+def test_bank_warm_up_fills_without_reading():
+    """read_bank False (bank_warmup_steps): the loss is plain in-batch InfoNCE, the bank still fills."""
+    torch.manual_seed(2)
+    d, n = 8, 4
+    loss_fn, plain = ContAccumLoss(12), ContAccumLoss(0)
+    loss_fn.read_bank = False
+    for _ in range(4):
+        q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
+        keys = torch.randint(0, 100, (n,))
+        loss = loss_fn(q, p, keys)
+        loss.backward()
+        assert torch.equal(loss, plain(q, p, keys)) and loss_fn.last_stats.num_columns == n
+    assert loss_fn.bank.fill == 12
+    loss_fn.read_bank = True
+    q, p = torch.randn(n, d), torch.randn(n, d)
+    loss_fn(q.requires_grad_(), p.requires_grad_(), torch.arange(n))
+    assert loss_fn.last_stats.num_columns == n + 12
+
+
+def test_bad_bank_weight():
+    for bad in (0.0, -1.0, 1.5):
+        with pytest.raises(ValueError, match="bank_weight must be in"):
+            ContAccumLoss(8, bank_weight=bad)

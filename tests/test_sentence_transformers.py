@@ -273,3 +273,15 @@ def test_collapse_guard_in_the_callback(encoder_dir):
             callback.on_step_end(None, None, None)
     with pytest.raises(EmbeddingCollapseError, match="collapsed: for 2 optimizer steps"):
         callback.on_step_end(None, None, None)
+
+
+def test_bank_weight_and_warm_up_reach_the_loss_and_its_config(encoder_dir):
+    from types import SimpleNamespace
+
+    loss = ContAccumLoss(st_model(encoder_dir()), memory_bank_size=8, bank_weight=0.5, bank_warmup_steps=3)
+    config = loss.get_config_dict()
+    assert config["bank_weight"] == 0.5 and config["bank_warmup_steps"] == 3
+    callback = ContAccumBankCallback(loss)
+    for step, reads in [(0, False), (2, False), (3, True)]:
+        callback.on_step_begin(None, SimpleNamespace(global_step=step), None)
+        assert loss.contaccum.read_bank is reads

@@ -372,3 +372,20 @@ def test_tokenised_once_gives_the_same_batches_and_training(tmp_path, tokenizer,
         trainer.train()
         losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
     assert losses[0] == losses[1]
+
+
+def test_bank_warm_up_and_weight_in_the_trainer(tmp_path, tokenizer, toy_dataset):
+    """bank_warmup_steps: no banked negatives in the first steps (the bank fills meanwhile); bank_weight
+    reaches the loss and the card."""
+    args = trainer_args(tmp_path, memory_bank_size=8, max_steps=4, bank_warmup_steps=2, bank_weight=0.5)
+    trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(40), processing_class=tokenizer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["negatives_per_query"] for h in logs[:2]] == [3, 3]  # N_local 4, in-batch only
+    assert logs[0]["bank_fill"] == 8 and all(h["negatives_per_query"] == 11 for h in logs[2:])
+    assert trainer.contrastive_loss.bank_weight == 0.5
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| bank weight (staleness) | 0.5 |" in card and "| bank warm-up (steps without reading the bank) | 2 |" in card
+    with pytest.raises(ValueError, match="bank_weight must be in"):
+        trainer_args(tmp_path, bank_weight=0.0)
