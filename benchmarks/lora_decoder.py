@@ -7,7 +7,7 @@ trainable parameters, seconds per step, peak memory (CUDA: max_memory_allocated;
 process's peak RSS) and, for the pretrained encoder, nDCG@10 on 400 test synsets before
 and after training.
 
-Models: MiniLM-L6 (the offline all-MiniLM-L6-v2, pretrained, mean pooling) and a Qwen2
+Models: MiniLM-L6 (the offline all-MiniLM-L6-v2, pretrained, mean pooling) and a Llama
 decoder built from a config (random weights, last-token pooling with EOS, the MiniLM
 tokenizer's vocabulary; no pretrained decoder is available offline, so its retrieval
 quality says nothing and only its memory and speed are compared).
@@ -25,17 +25,19 @@ import sys
 import tempfile
 import time
 
-RUNS = [("minilm", "full"), ("minilm", "lora"), ("qwen2-decoder", "full"), ("qwen2-decoder", "lora")]
+RUNS = [("minilm", "full"), ("minilm", "lora"), ("llama-decoder", "full"), ("llama-decoder", "lora")]
 
 
 def _decoder_folder(tokenizer_path: str) -> str:
-    """A Qwen2 decoder from a config (about 60M parameters), saved with a decoder-style copy of the tokenizer."""
+    """A Llama decoder from a config (about 60M parameters), saved with a decoder-style copy of the tokenizer."""
     import torch
-    from transformers import AutoModel, AutoTokenizer, Qwen2Config
+    from transformers import AutoModel, AutoTokenizer, LlamaConfig
 
-    path = tempfile.mkdtemp(prefix="qwen2_")
+    path = tempfile.mkdtemp(prefix="llama_")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+    tokenizer.add_special_tokens({"bos_token": "[CLS]", "eos_token": "[SEP]"})  # its template already ends with [SEP]
+    # vocabulary margin: transformers 5 may add its model family's special tokens when it reloads the tokenizer
+    config = LlamaConfig(vocab_size=len(tokenizer) + 16, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
                          eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.sep_token_id)
     torch.manual_seed(0)

@@ -63,7 +63,7 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
     from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments
     from hf_contaccum.quickstart import default_encoder_path
 
-    per_device, k, qbank, pbank, chunk, _ = layout
+    per_device, k, qbank, pbank, chunk, _, *more = layout  # optional 7th: further training arguments
     torch.manual_seed(seed)
     model = BiEncoder.from_encoder(default_encoder_path(), normalize=True)
     args = ContAccumTrainingArguments(
@@ -71,7 +71,8 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
         max_steps=steps, learning_rate=lr, warmup_steps=0.1, max_grad_norm=2.0, seed=seed, data_seed=seed,
         memory_bank_size=pbank, query_memory_bank_size=qbank, passage_memory_bank_size=pbank,
         gradcache_chunk_size=chunk, temperature=0.05, query_max_length=max_lengths[0], passage_max_length=max_lengths[1],
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=device() == "cpu", disable_tqdm=True)
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=device() == "cpu", disable_tqdm=True,
+        **(more[0] if more else {}))
     import warnings
 
     with warnings.catch_warnings():
