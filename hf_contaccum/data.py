@@ -124,8 +124,10 @@ class ContrastiveCollator:
     keeps hard negatives holds the number of its first batch to every later one."""
 
     def __init__(self, tokenizer, query_max_length: int = 64, passage_max_length: int = 256,
-                 max_hard_negatives: int | None = None, prompts: dict | None = None):
+                 max_hard_negatives: int | None = None, prompts: dict | None = None,
+                 pad_to_multiple_of: int | None = None):
         self.tokenizer = tokenizer
+        self.pad_to_multiple_of = pad_to_multiple_of  # fewer distinct shapes: fewer torch.compile recompiles
         self.query_max_length = query_max_length
         self.passage_max_length = passage_max_length
         self.max_hard_negatives = max_hard_negatives
@@ -138,7 +140,8 @@ class ContrastiveCollator:
         return [q + r[0] for r in parsed], [[p + t for t in (r[1], *r[2])] for r in parsed]
 
     def _tokenize(self, texts, max_length, prefix):
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                             pad_to_multiple_of=self.pad_to_multiple_of)
         return {f"{prefix}_{k}": v for k, v in enc.items()}
 
     def __call__(self, rows):
@@ -179,7 +182,8 @@ class ContrastiveCollator:
     def _pad(self, rows):
         """Rows tokenised by encode_rows -> the same batch as tokenising their texts here."""
         def pad(encodings, prefix):
-            padded = self.tokenizer.pad(encodings, padding=True, return_tensors="pt")
+            padded = self.tokenizer.pad(encodings, padding=True, return_tensors="pt",
+                                        pad_to_multiple_of=self.pad_to_multiple_of)
             return {f"{prefix}_{k}": v for k, v in padded.items()}
 
         fields = [k[len("query_"):] for k in rows[0] if k.startswith("query_")]

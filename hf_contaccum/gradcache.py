@@ -63,7 +63,7 @@ def slice_features(features: dict, begin: int, end: int) -> dict:
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             out[key] = value
         elif value.dim() >= 2 and value.shape[1] == width:
-            out[key] = value[begin:end, :keep]
+            out[key] = value[begin:end, :keep].contiguous()  # a view's strides would make torch.compile recompile
         else:
             out[key] = value[begin:end]
     return out

@@ -122,7 +122,8 @@ class ContAccumTrainer(Trainer):
                                  "to ContAccumTrainer, or build the model with BiEncoder.from_encoder(...)")
             data_collator = ContrastiveCollator(tokenizer, args.query_max_length, args.passage_max_length,
                                                 args.max_hard_negatives,
-                                                prompts=getattr(getattr(model, "config", None), "prompts", None))
+                                                prompts=getattr(getattr(model, "config", None), "prompts", None),
+                                                pad_to_multiple_of=args.pad_to_multiple_of)
             processing_class = tokenizer
             if args.tokenize_once:  # a step then only pads; an IterableDataset is tokenised as it streams
                 if isinstance(train_dataset, datasets.Dataset):

@@ -54,6 +54,10 @@ class ContAccumTrainingArguments(TrainingArguments):
     tokenize_once: bool = field(default=True, metadata={"help": (
         "Tokenise a datasets.Dataset once before training (datasets.map, cached for file-backed data), so that "
         "each micro-batch is only padded; False tokenises every batch in the collator. Streams always are.")})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": (
+        "Pad every batch's token length up to a multiple of this (e.g. 16 or 64). With torch_compile=True it bounds "
+        "the number of distinct shapes, so compiled graphs are reused instead of recompiled; the price is the "
+        "compute on the extra padding. Default: pad to the longest text of the batch.")})
     query_max_length: int = field(default=64, metadata={"help": "Max tokens of a query (longer is truncated)."})
     passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
     max_hard_negatives: int | None = field(default=None, metadata={"help": (

@@ -62,7 +62,8 @@ def main(out_dir, config):
     torch.distributed.all_gather(checksums, checksum)
     full = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered from the shards (all ranks call it)
     if state.is_main_process:
-        torch.save({k: v.detach().clone() for k, v in full.items()},
+        # torch_compile=True: the compiled wrapper's parameter names carry _orig_mod.
+        torch.save({k.replace("_orig_mod.", ""): v.detach().clone() for k, v in full.items()},
                    Path(out_dir) / "params.pt")
         logs = [h for h in trainer.state.log_history if "loss" in h]
         (Path(out_dir) / "result.json").write_text(json.dumps({

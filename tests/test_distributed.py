@@ -75,7 +75,8 @@ def test_every_accelerate_config_loads():
     from accelerate.commands.config.config_args import load_config_from_file
 
     files = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
-    assert {"single_gpu.yaml", "multi_gpu_ddp.yaml", "deepspeed_zero2.yaml", "fsdp.yaml", "cpu_2proc.yaml"} <= set(files)
+    assert {"single_gpu.yaml", "multi_gpu_ddp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml",
+            "cpu_2proc.yaml"} <= set(files)
     for name in files:
         config = load_config_from_file(os.path.join(CONFIG_DIR, name))
         assert config.num_processes >= 1, name

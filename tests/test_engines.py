@@ -172,3 +172,11 @@ def test_lora_towers_two_processes_equal_one_process(tmp_path, tokenizer, gradca
     single = _single_process(tmp_path / "single", init, tokenizer, **overrides)
     assert sum(p.requires_grad for p in single.model.parameters()) == 8  # A and B of query and value, two towers
     _assert_same_training(result, params, single)
+
+
+def test_compiled_two_processes_equal_one_eager_process(tmp_path, init_model, tokenizer):
+    """torch_compile=True under DDP (the bank gathered across processes) against eager, one process."""
+    out = tmp_path / "run"
+    result, params = _result(_launch("ddp", tmp_path, out, init_model, args={"torch_compile": True,
+                                                                            "save_strategy": "no"}), out)
+    _assert_same_training(result, params, _single_process(tmp_path / "single", init_model, tokenizer), atol=1e-5)
