@@ -14,6 +14,8 @@ All use the offline all-MiniLM-L6-v2 and real WordNet (definition, lemmas) pairs
 
     python benchmarks/speed_memory.py --quick     # N_total 32, 64, 128; under 10 min on 2 CPU cores
     python benchmarks/speed_memory.py             # N_total 32 ... 512, 2 repeats (long on a CPU)
+    python benchmarks/speed_memory.py --setting gpu-paper [options]   # bert-base, 256-token passages,
+                                                  # through trainer.train(): see benchmarks/gpu_paper.py
 """
 from __future__ import annotations
 
@@ -151,6 +153,10 @@ def plot(summary, path):
 
 
 def main():
+    if sys.argv[1:3] == ["--setting", "gpu-paper"]:  # the GPU throughput issue's setting: its own script
+        import gpu_paper
+
+        return gpu_paper.main(sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N_total 32/64/128, one repeat, 2 timed steps")
     parser.add_argument("--n_total", type=int, nargs="+", default=None)

@@ -1,4 +1,4 @@
-"""The quality benchmark's bookkeeping: the summary it writes and the --resume settings check."""
+"""The benchmarks' bookkeeping: the quality summary and its --resume check; the GPU benchmark as a CPU smoke run."""
 import json
 import os
 import statistics
@@ -45,3 +45,16 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path):
     quality.save(path, CONFIG, BEFORE, RUNS)
     with pytest.raises(SystemExit, match="steps.*12, 20"):
         quality.load_runs(path, {**CONFIG, "steps": 20})
+
+
+def test_gpu_paper_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """The GPU benchmark's whole path (processes, Trainer loops, timer, JSON) as a CPU smoke run."""
+    import gpu_paper
+
+    out = tmp_path / "gpu_paper.json"
+    gpu_paper.main(["--tiny", "--n_total", "16", "--steps", "1", "--warmup", "1", "--out", str(out),
+                    "--methods", "gradaccum,contaccum-1024,hybrid,st-cmnrl"])
+    results = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in results] == ["gradaccum", "contaccum-1024", "hybrid", "st-cmnrl"]
+    assert all(r.get("seconds_per_step", 0) > 0 and len(r["step_times"]) == 1 for r in results), results
+    assert gpu_paper.layout("hybrid", 512) == (512, 1, 8192, 8) and gpu_paper.layout("contaccum-1024", 512)[1] == 64

@@ -1,0 +1,249 @@
+"""The GPU setting of the throughput issue, end to end through `trainer.train()`, one command.
+
+bert-base built from a config (no download; random weights: speed and memory do not depend
+on them), bf16 on CUDA, queries <= 32 tokens, passages and hard negatives 256 tokens (real
+WordNet text: several definitions joined, so every passage fills its 256 tokens), one hard
+negative per query, N_local 8. Each method runs in its own process (its own peak memory)
+through the Trainer's own loop, with a callback that times every optimizer step (CUDA
+synchronised) and samples GPU utilisation; the first --warmup steps are not timed. Banks are
+pre-filled, so every timed step pays for a full bank.
+
+  gradaccum         N_local 8 x K
+  contaccum-M       N_local 8 x K, bank of M pairs (M = 1,024, 8,192, 65,536)
+  gradcache         one batch of N_total, GradCache chunks of 8 texts per column
+  hybrid            GradCache chunks of 8 over N_total and a bank of 8,192
+  full              one batch of N_total without GradCache (recorded as out of memory if it is)
+  st-cmnrl          sentence-transformers' CachedMultipleNegativesRankingLoss, mini-batch 8,
+                    through SentenceTransformerTrainer
+
+Reports s/step, per-pair time, ratios to GradAccum, mean GPU utilisation (torch.cuda.utilization,
+needs pynvml; None without it) and torch.cuda.max_memory_allocated, and writes JSON.
+
+    python benchmarks/speed_memory.py --setting gpu-paper          # or: python benchmarks/gpu_paper.py
+    python benchmarks/gpu_paper.py --n_total 128 --methods gradaccum,contaccum-8192,full
+    python benchmarks/gpu_paper.py --tiny                          # a CPU smoke run (tests use it)
+
+Budget: about 8 methods x (start-up + (warmup + steps) x s/step); at N_total 512 with
+GradAccum near 3-7 s/step on an H100 that is 5-7 minutes with --steps 3.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from transformers import TrainerCallback
+
+METHODS = ["gradaccum", "contaccum-1024", "contaccum-8192", "contaccum-65536", "gradcache", "hybrid", "full",
+           "st-cmnrl"]
+N_LOCAL, QUERY_TOKENS, PASSAGE_TOKENS = 8, 32, 256
+
+
+def layout(method: str, n_total: int):
+    """(per-device batch, accumulation steps, bank, GradCache chunk)."""
+    k = n_total // N_LOCAL
+    return {"gradaccum": (N_LOCAL, k, 0, None), "gradcache": (n_total, 1, 0, N_LOCAL),
+            "hybrid": (n_total, 1, 8192, N_LOCAL), "full": (n_total, 1, 0, None)}.get(
+        method, (N_LOCAL, k, int(method.split("-")[1]) if method.startswith("contaccum-") else 0, None))
+
+
+def make_rows(num_rows: int, tokenizer, passage_tokens: int):
+    """(query, positive, negative) rows of real WordNet text; passages long enough to fill passage_tokens."""
+    from hf_contaccum.sample_data import load_wordnet_sample
+
+    train, *_ = load_wordnet_sample()
+    definitions = [train[i]["query"] for i in range(len(train))]
+    per_passage = max(1, passage_tokens // 8)  # WordNet definitions are ~10 tokens
+    rows = []
+    for i in range(num_rows):
+        start = (i * per_passage) % max(1, len(definitions) - 2 * per_passage)
+        positive = " ; ".join(definitions[start:start + per_passage])
+        negative = " ; ".join(definitions[start + per_passage:start + 2 * per_passage])
+        rows.append({"query": definitions[(i * 7919) % len(definitions)], "positive": positive, "negative": negative})
+    return rows
+
+
+class StepTimer(TrainerCallback):
+    """A TrainerCallback timing each optimizer step (CUDA synchronised) and sampling GPU utilisation."""
+
+    def __init__(self, warmup: int):
+        import torch
+
+        self.torch, self.warmup, self.times, self.util = torch, warmup, [], []
+        self._start = None
+        self._sampling = False
+
+    def _sync(self):
+        if self.torch.cuda.is_available():
+            self.torch.cuda.synchronize()
+
+    def _sample(self):
+        while self._sampling:
+            try:
+                self.util.append(self.torch.cuda.utilization())
+            except Exception:  # no pynvml / no NVML: utilisation unknown  # noqa: BLE001
+                return
+            time.sleep(0.05)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            self._sync()
+            if self.torch.cuda.is_available():
+                self.torch.cuda.reset_peak_memory_stats()
+                self._sampling = True
+                threading.Thread(target=self._sample, daemon=True).start()
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        if state.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._sampling = False
+
+
+def encoder_folder(tiny: bool) -> tuple[str, object]:
+    """bert-base (or a tiny BERT) from a config with a WordPiece tokenizer trained on WordNet, saved as a folder."""
+    import torch
+    from tokenizers import (
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    from hf_contaccum.sample_data import load_wordnet_sample
+
+    train, *_ = load_wordnet_sample()
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.train_from_iterator((train[i]["query"] + " " + train[i]["positive"] for i in range(len(train))),
+                                trainers.WordPieceTrainer(vocab_size=30522 if not tiny else 1000,
+                                                          special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+        ("[CLS]", backend.token_to_id("[CLS]")), ("[SEP]", backend.token_to_id("[SEP]"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    config = BertConfig(vocab_size=len(tokenizer)) if not tiny else BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    path = tempfile.mkdtemp(prefix="gpu_paper_bert_")
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool) -> dict:
+    import torch
+    from datasets import Dataset
+
+    cuda = torch.cuda.is_available()
+    path, tokenizer = encoder_folder(tiny)
+    passage_tokens = 32 if tiny else PASSAGE_TOKENS
+    rows = make_rows(n_total * (steps + warmup), tokenizer, passage_tokens)
+    timer = StepTimer(warmup)
+    common = {"output_dir": tempfile.mkdtemp(), "max_steps": steps + warmup, "learning_rate": 1e-5,
+              "report_to": "none", "save_strategy": "no", "logging_steps": 10**6, "disable_tqdm": True,
+              "bf16": cuda, "use_cpu": not cuda, "dataloader_num_workers": 0, "seed": 0}
+    try:
+        if method == "st-cmnrl":
+            from sentence_transformers import (
+                SentenceTransformer,
+                SentenceTransformerTrainer,
+                SentenceTransformerTrainingArguments,
+                losses,
+                models,
+            )
+
+            transformer = models.Transformer(path, max_seq_length=passage_tokens)
+            model = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension())])
+            loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=N_LOCAL)
+            args = SentenceTransformerTrainingArguments(per_device_train_batch_size=n_total, **common)
+            trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                                 loss=loss, callbacks=[timer])
+        else:
+            from hf_contaccum import (
+                BiEncoder,
+                ContAccumTrainer,
+                ContAccumTrainingArguments,
+            )
+
+            per_device, k, bank, chunk = layout(method, n_total)
+            model = BiEncoder.from_encoder(path, shared=True, pooling="mean", normalize=True)
+            args = ContAccumTrainingArguments(
+                per_device_train_batch_size=per_device, gradient_accumulation_steps=k, memory_bank_size=bank,
+                gradcache_chunk_size=chunk, similarity="dot", temperature=0.05, query_max_length=QUERY_TOKENS,
+                passage_max_length=passage_tokens, **common)
+            trainer = ContAccumTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                       processing_class=model.tokenizer, callbacks=[timer])
+            if bank:  # a full bank from the first step: every timed step pays for all of it
+                device = trainer.args.device
+                d = model.config.encoder_config["hidden_size"]
+                fill = torch.nn.functional.normalize(torch.randn(bank, d, device=device), dim=-1)
+                trainer.contrastive_loss.enqueue(fill, fill, torch.arange(bank, device=device) - 10**12)
+        trainer.train()
+    except torch.OutOfMemoryError:
+        return {"method": method, "n_total": n_total, "out_of_memory": True}
+    seconds = statistics.median(timer.times)
+    return {"method": method, "n_total": n_total, "seconds_per_step": seconds, "seconds_per_pair": seconds / n_total,
+            "step_times": timer.times, "gpu_utilisation": statistics.mean(timer.util) if timer.util else None,
+            "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": tiny}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_total", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--tiny", action="store_true", help="a tiny BERT and short texts: a smoke run on a CPU")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "gpu_paper.json"))
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one method
+    args = parser.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(run_method(args.one, args.n_total, args.steps, args.warmup, args.tiny)))
+        return None
+    results, start = [], time.time()
+    for method in args.methods.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--n_total", str(args.n_total),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              env=dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"))
+        lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        result = json.loads(lines[-1]) if lines else {"method": method, "failed": proc.stderr[-2000:]}
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "step_times"}), flush=True)
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"n_total": args.n_total, "steps": args.steps, "warmup": args.warmup,
+                       "wall_seconds": time.time() - start, "results": results}, f, indent=1)
+    base = next((r for r in results if r["method"] == "gradaccum" and "seconds_per_step" in r), None)
+    print(f"\n{'method':<17}{'s/step':>9}{'x GradAccum':>13}{'GPU util %':>12}{'max alloc MiB':>15}")
+    for r in results:
+        if "seconds_per_step" not in r:
+            print(f"{r['method']:<17}{'out of memory' if r.get('out_of_memory') else 'failed':>9}")
+            continue
+        ratio = r["seconds_per_step"] / base["seconds_per_step"] if base else float("nan")
+        util = f"{r['gpu_utilisation']:.0f}" if r["gpu_utilisation"] is not None else "n/a"
+        mem = f"{r['max_memory_allocated_mib']:.0f}" if r["max_memory_allocated_mib"] is not None else "n/a"
+        print(f"{r['method']:<17}{r['seconds_per_step']:>9.3f}{ratio:>13.2f}{util:>12}{mem:>15}")
+    print(f"wall time {time.time() - start:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
