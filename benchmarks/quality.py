@@ -9,6 +9,8 @@ Model: the offline all-MiniLM-L6-v2. Tasks (--task):
            synset, relevant = its lemmas);
   debian   Debian package search (query = a package's synopsis, relevant = its description),
            built from the machine's apt lists: see benchmarks/debian_packages.py.
+  code     Python code search (query = a docstring's first sentence, relevant = the function's
+           code), built from the interpreter's standard library: see benchmarks/code_search.py.
 
     python benchmarks/quality.py --quick                 # N_total 32, 3 seeds; ~8 min on 2 CPU cores
     python benchmarks/quality.py                         # N_total 128, 3 seeds (hours on a CPU)
@@ -46,10 +48,14 @@ def layouts(n_total, bank):
 
 # (query, passage) max lengths in tokens: definitions are long and lemmas short; synopses are
 # short and descriptions long
-MAX_LENGTHS = {"wordnet": (64, 32), "debian": (32, 64)}
+MAX_LENGTHS = {"wordnet": (64, 32), "debian": (32, 64), "code": (32, 128)}
 
 
 def load_task(task, eval_queries, corpus_size):
+    if task == "code":
+        from code_search import load_code_search
+
+        return load_code_search(max_eval_queries=eval_queries, max_corpus=corpus_size)
     if task == "debian":
         from debian_packages import load_debian_packages
 
