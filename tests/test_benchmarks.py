@@ -58,3 +58,29 @@ def test_gpu_paper_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert [r["method"] for r in results] == ["gradaccum", "contaccum-1024", "hybrid", "st-cmnrl"]
     assert all(r.get("seconds_per_step", 0) > 0 and len(r["step_times"]) == 1 for r in results), results
     assert gpu_paper.layout("hybrid", 512) == (512, 1, 8192, 8) and gpu_paper.layout("contaccum-1024", 512)[1] == 64
+
+
+def test_code_search_task_pairs_docstring_sentences_with_code_without_docstrings(tmp_path):
+    import code_search
+
+    functions = "\n".join(
+        f'def f{i}(x):\n    """Return the number {i} added to the value given.\n\n    More text.\n    """\n'
+        f"    y = x + {i}\n    return y\n" for i in range(40))
+    generic = '\ndef g1():\n    """Return a copy of the thing here."""\n    a = 1\n    return a\n' \
+              '\ndef g2():\n    """Return a copy of the thing here."""\n    b = 2\n    return b\n'
+    twin = 'def f0(x):\n    """Another sentence about this same code."""\n    y = x + 0\n    return y\n'  # f0's code again
+    (tmp_path / "mod.py").write_text(functions + generic)
+    (tmp_path / "other.py").write_text(twin)
+    (tmp_path / "test_skipped.py").write_text(functions)
+    train, queries, corpus, qrels = code_search.load_code_search(root=str(tmp_path))
+    texts = list(train["query"]) + list(queries.values())
+    assert "Return the number 3 added to the value given." in texts and not any("More text" in t for t in texts)
+    code = corpus["fn:mod.py:f3:" + str(1 + 8 * 3)]
+    assert code == "def f3(x):\n    y = x + 3\n    return y" and '"""' not in code
+    assert not any(":f0:" in did for did in corpus)  # code that is not unique is dropped
+    for qid, judged in qrels.items():  # a shared sentence (g1, g2) makes both relevant
+        assert all(did in corpus for did in judged)
+        if queries[qid] == "Return a copy of the thing here.":
+            assert len(judged) == 2
+    assert len(train) + sum(len(j) for j in qrels.values()) == len(corpus)  # train and test split the functions
+    assert not set(train["query"]) & set(queries.values())
