@@ -10,11 +10,12 @@ from transformers import TrainingArguments
 
 @dataclass
 class ContAccumTrainingArguments(TrainingArguments):
-    memory_bank_size: str = field(default=0, metadata={"help": (
+    memory_bank_size: str = field(default="auto", metadata={"help": (
         "Size in SAMPLES of both memory banks (past query vectors and their aligned positive passages), or "
-        "'auto': N_total, the pairs of one optimizer step (per_device_train_batch_size x "
+        "'auto' (the default): N_total, the pairs of one optimizer step (per_device_train_batch_size x "
         "gradient_accumulation_steps x processes sharing the bank), the best setting measured on every task "
-        "so far. 0 = plain gradient accumulation. Paper: 128 (small sets) to 2048 (NQ); MS MARCO 1024.")})
+        "so far (larger banks of stale vectors lost quality). 0 = plain gradient accumulation. Paper: 128 "
+        "(small sets) to 2048 (NQ); MS MARCO 1024.")})
     query_memory_bank_size: int | None = field(default=None, metadata={"help": (
         "Ablation override of the query bank size (default: memory_bank_size). 0 = pre-batch negatives "
         "(passage bank only), which unbalances the towers' gradient norms (paper §3.3). Must be <= the passage bank.")})

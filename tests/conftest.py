@@ -85,7 +85,8 @@ def trainer_args(tmp_path, **overrides):
                 "lr_scheduler_type": "constant", "weight_decay": 0.0, "max_grad_norm": 0.0,
                 "train_sampling_strategy": "sequential", "optim": "adamw_torch", "report_to": "none",
                 "save_strategy": "no", "logging_steps": 1, "use_cpu": True, "seed": 0, "disable_tqdm": True,
-                "query_max_length": 16, "passage_max_length": 24}
+                "query_max_length": 16, "passage_max_length": 24,
+                "memory_bank_size": 0}  # tests name their bank; the library's default is "auto" (= N_total)
     defaults.update(overrides)
     return ContAccumTrainingArguments(**defaults)
 

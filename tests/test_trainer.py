@@ -352,6 +352,13 @@ def test_memory_bank_size_auto_is_the_pairs_of_one_optimizer_step(tmp_path):
     assert parsed.memory_bank_size == 512
     with pytest.raises(ValueError, match="number of samples or 'auto'"):
         trainer_args(tmp_path, memory_bank_size="big")
+    # "auto" is the default, from Python and from the command line
+    default = ContAccumTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                                         gradient_accumulation_steps=8, use_cpu=True)
+    assert default.memory_bank_size == 32
+    (parsed,) = HfArgumentParser(ContAccumTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--per_device_train_batch_size", "8", "--use_cpu"])
+    assert parsed.memory_bank_size == 8
 
 
 def test_tokenised_once_gives_the_same_batches_and_training(tmp_path, tokenizer, toy_dataset):
