@@ -69,6 +69,7 @@ def _functions(root: str):
 def load_code_search(max_eval_queries=None, max_corpus=None, root=None):
     """Returns (train Dataset[query, positive, positive_id], eval queries, corpus, qrels)."""
     from datasets import Dataset
+    from debian_packages import cap_corpus
 
     found = list(_functions(root or sysconfig.get_paths()["stdlib"]))
     by_code, by_sentence = {}, {}
@@ -86,11 +87,7 @@ def load_code_search(max_eval_queries=None, max_corpus=None, root=None):
     test_sentences = sorted({s for _, s, _ in kept if _is_test(s)}, key=_hash)[:max_eval_queries]
     queries = {f"q{i}": s for i, s in enumerate(test_sentences)}
     qrels = {f"q{i}": {f"fn:{n}": 1 for n in by_sentence[s]} for i, s in enumerate(test_sentences)}
-    if max_corpus is not None:
-        keep = {did for judged in qrels.values() for did in judged}
-        keep |= set([did for did in corpus if did not in keep][: max(0, max_corpus - len(keep))])
-        corpus = {did: text for did, text in corpus.items() if did in keep}
-    return train_ds, queries, corpus, qrels
+    return train_ds, queries, cap_corpus(corpus, qrels, max_corpus), qrels
 
 
 if __name__ == "__main__":

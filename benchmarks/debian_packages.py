@@ -98,8 +98,13 @@ def load_debian_packages(max_eval_queries=None, max_corpus=None, lists_dir=LISTS
     test_synopses = sorted({packages[n][0] for n in kept if _is_test(packages[n][0])}, key=_hash)[:max_eval_queries]
     queries = {f"q{i}": s for i, s in enumerate(test_synopses)}
     qrels = {f"q{i}": {f"pkg:{n}": 1 for n in by_synopsis[s]} for i, s in enumerate(test_synopses)}
-    if max_corpus is not None:
-        keep = {did for judged in qrels.values() for did in judged}
-        keep |= set([did for did in corpus if did not in keep][: max(0, max_corpus - len(keep))])
-        corpus = {did: text for did, text in corpus.items() if did in keep}
-    return train_ds, queries, corpus, qrels
+    return train_ds, queries, cap_corpus(corpus, qrels, max_corpus), qrels
+
+
+def cap_corpus(corpus: dict, qrels: dict, max_corpus: int | None) -> dict:
+    """At most max_corpus documents: every judged one, then the first others."""
+    if max_corpus is None:
+        return corpus
+    keep = {did for judged in qrels.values() for did in judged}
+    keep |= set([did for did in corpus if did not in keep][: max(0, max_corpus - len(keep))])
+    return {did: text for did, text in corpus.items() if did in keep}
