@@ -59,8 +59,8 @@ class ContAccumLoss(nn.Module):
             a banked column adds w (not 1) to a row's softmax denominator (its logit gets + log w), and a
             banked row weighs w in the mean over rows. w -> 0 tends to gradient accumulation.
 
-    Attribute `read_bank` (default True): False keeps filling the bank without reading it (a bank
-    warm-up: ContAccumTrainer's bank_warmup_steps sets it).
+        bank_warmup_steps: fill the bank but do not read it before this optimizer step (XBM's warm-up); the
+            training loop reports each step with `start_step(global_step)`.
 
     Call it in train mode under autograd on (queries (n, d), positives (n, d), positive keys (n,),
     hard negatives (n, H, d), their keys (n, H)); it returns the mean loss over the
@@ -71,10 +71,12 @@ class ContAccumLoss(nn.Module):
     def __init__(self, memory_bank_size: int = 0, temperature: float = 1.0, similarity: str = "dot", *,
                  query_bank_size: int | None = None, bank_hard_negatives: bool = False,
                  mask_false_negatives: bool = True, gather_across_devices: bool = False,
-                 bank_chunk_size: int | None = None, bank_weight: float = 1.0):
+                 bank_chunk_size: int | None = None, bank_weight: float = 1.0, bank_warmup_steps: int = 0):
         super().__init__()
         if not 0 < bank_weight <= 1:
             raise ValueError(f"bank_weight must be in (0, 1] (1: every banked entry counts fully), got {bank_weight}")
+        if bank_warmup_steps < 0:
+            raise ValueError(f"bank_warmup_steps must be >= 0, got {bank_warmup_steps}")
         query_bank_size = memory_bank_size if query_bank_size is None else query_bank_size
         if query_bank_size < 0 or memory_bank_size < 0:
             raise ValueError("memory bank sizes are numbers of samples and must be >= 0 (0 disables the bank)")
@@ -90,7 +92,8 @@ class ContAccumLoss(nn.Module):
         self.temperature = float(temperature)
         self.similarity = similarity
         self.bank_weight = float(bank_weight)
-        self.read_bank = True
+        self.bank_warmup_steps = bank_warmup_steps
+        self.read_bank = True  # False during the warm-up: the bank fills but is not read
         self.mask_false_negatives = mask_false_negatives
         self.gather_across_devices = gather_across_devices
         self.bank = MemoryBank(memory_bank_size, bank_hard_negatives)
@@ -258,6 +261,10 @@ class ContAccumLoss(nn.Module):
         ids = self._anonymous_keys_used + torch.arange(count, device=device)
         self._anonymous_keys_used += count
         return (-1 - (ids * size + rank)).view(*shape)
+
+    def start_step(self, global_step: int) -> None:
+        """Call before each optimizer step (global_step = steps done): ends the bank warm-up on time."""
+        self.read_bank = global_step >= self.bank_warmup_steps
 
     # -- diagnostics (kept on the device; read at logging steps and once per optimizer step) ----
     def check_collapse(self, patience: int) -> None:

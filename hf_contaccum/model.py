@@ -95,11 +95,12 @@ def ensure_eos(tokenizer) -> None:
 
     if tokenizer.eos_token is None:
         raise ValueError("append_eos needs a tokenizer with an eos_token")
-    if tokenizer("a")["input_ids"][-1] == tokenizer.eos_token_id:
+    ids = tokenizer("a")["input_ids"]
+    if ids[-1] == tokenizer.eos_token_id:
         return
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("append_eos needs a fast tokenizer (its post-processor appends the EOS token)")
-    bos = tokenizer.bos_token if tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id else None
+    bos = tokenizer.bos_token if ids[0] == tokenizer.bos_token_id else None
     first = f"{bos} " if bos else ""
     special = [(t, tokenizer.convert_tokens_to_ids(t)) for t in dict.fromkeys(filter(None, [bos, tokenizer.eos_token]))]
     tokenizer._tokenizer.post_processor = TemplateProcessing(
@@ -134,12 +135,16 @@ class BiEncoder(PreTrainedModel):
         self._takes_token_types = "token_type_ids" in parameters
         self._takes_use_cache = "use_cache" in parameters
 
+    def _towers(self) -> dict:
+        """{"query_encoder": ..., "passage_encoder": ...}: the distinct towers, by attribute name."""
+        return {"query_encoder": self.query_encoder, **({} if self.config.shared else
+                                                        {"passage_encoder": self.passage_encoder})}
+
     def _freeze_unused_poolers(self):
         """A tower's own pooler (BERT's dense+tanh on [CLS]) is never used: we pool the hidden states.
         Left trainable, it gets no gradient, which FSDP and DeepSpeed checkpoints cannot handle (a
         trainable parameter without optimizer state); frozen, it stays in the weights for AutoModel."""
-        towers = [self.query_encoder] + ([] if self.config.shared else [self.passage_encoder])
-        for tower in towers:
+        for tower in self._towers().values():
             pooler = getattr(tower, "pooler", None)
             if isinstance(pooler, torch.nn.Module):
                 pooler.requires_grad_(False)
@@ -147,7 +152,7 @@ class BiEncoder(PreTrainedModel):
     def _restore_trainable(self):
         """transformers 5 rebuilds the parameters while loading, every one trainable again: freeze what was
         frozen (the base weights under adapters, the unused poolers)."""
-        for tower in [self.query_encoder] + ([] if self.config.shared else [self.passage_encoder]):
+        for tower in self._towers().values():
             if hasattr(tower, "base_model") and hasattr(tower.base_model, "_mark_only_adapters_as_trainable"):
                 tower.base_model._mark_only_adapters_as_trainable(tower.base_model.model)  # PEFT's own rule
         self._freeze_unused_poolers()
@@ -180,8 +185,7 @@ class BiEncoder(PreTrainedModel):
         config = BiEncoderConfig(query.config, shared=shared, pooling=pooling, normalize=normalize, prompts=prompts,
                                  peft_config=_peft_config_dict(peft_config) if peft_config is not None else None,
                                  base_model_name=model_name_for_card(name_or_path))  # never a local path
-        model = cls(config, query_encoder=_with_adapters(query, peft_config),
-                    passage_encoder=_with_adapters(passage, peft_config) if passage is not None else None)
+        model = cls(config, query_encoder=query, passage_encoder=passage)  # __init__ adds the adapters
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token  # decoder tokenizers often have none; masked out anyway
@@ -203,9 +207,8 @@ class BiEncoder(PreTrainedModel):
         towers everywhere, with the same embeddings. Returns self."""
         if self.config.peft_config is None:
             return self
-        self.query_encoder = self.query_encoder.merge_and_unload()
-        if not self.config.shared:
-            self.passage_encoder = self.passage_encoder.merge_and_unload()
+        for name, tower in self._towers().items():
+            setattr(self, name, tower.merge_and_unload())
         self.config.peft_config = None
         self.requires_grad_(True)
         self._freeze_unused_poolers()
@@ -226,9 +229,7 @@ class BiEncoder(PreTrainedModel):
         query_encoder/ (and passage_encoder/), loadable with AutoModel, and, for a shared
         tower, the module files that make the folder a sentence-transformers model.
         The towers' weights are thus stored twice: the price of loading everywhere."""
-        towers = {"query_encoder": self.query_encoder}
-        if not self.config.shared:
-            towers["passage_encoder"] = self.passage_encoder
+        towers = self._towers()
         # Under FSDP/DeepSpeed the Trainer passes the gathered state dict: the towers are saved from it, not
         # from their shards. Split it first: transformers' save_pretrained empties the dict it is given.
         full_state = kwargs.get("state_dict")

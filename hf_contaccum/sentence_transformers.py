@@ -108,8 +108,8 @@ class ContAccumLoss(nn.Module):
         self.contaccum = core.ContAccumLoss(
             memory_bank_size, 1.0 / scale, SIMILARITIES[similarity_fct], query_bank_size=query_memory_bank_size,
             bank_hard_negatives=bank_hard_negatives, mask_false_negatives=mask_false_negatives,
-            gather_across_devices=gather_across_devices, bank_chunk_size=bank_chunk_size, bank_weight=bank_weight)
-        self.bank_warmup_steps = bank_warmup_steps
+            gather_across_devices=gather_across_devices, bank_chunk_size=bank_chunk_size, bank_weight=bank_weight,
+            bank_warmup_steps=bank_warmup_steps)
         self.gradcache = GradCache(mini_batch_size) if mini_batch_size else None
         self.collapse_patience = collapse_patience
         self.checkpointed = False  # set by ContAccumBankCallback
@@ -158,7 +158,7 @@ class ContAccumLoss(nn.Module):
                 "scale": self.scale, "similarity_fct": self.similarity_fct.__name__,
                 "mini_batch_size": self.mini_batch_size, "gather_across_devices": c.gather_across_devices,
                 "bank_hard_negatives": c.bank.keep_hard_negatives, "mask_false_negatives": c.mask_false_negatives,
-                "bank_weight": c.bank_weight, "bank_warmup_steps": self.bank_warmup_steps}
+                "bank_weight": c.bank_weight, "bank_warmup_steps": c.bank_warmup_steps}
 
     @property
     def citation(self) -> str:
@@ -203,7 +203,7 @@ class ContAccumBankCallback(TrainerCallback):
                 "from>) before trainer.train(...)")
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.loss.contaccum.read_bank = state.global_step >= self.loss.bank_warmup_steps
+        self.loss.contaccum.start_step(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.loss.contaccum.check_collapse(self.loss.collapse_patience)  # before the step's checkpoint

@@ -35,11 +35,15 @@ def _warn_about_size(num_rows: int, pairs_per_step: int, bank_size: int) -> None
                        "one optimizer step's pairs is the measured default", bank_size, num_rows)
 
 
-class _CollapseGuard(TrainerCallback):
-    """Stops training when the embeddings collapse, at the end of the step: before any checkpoint of it."""
+class _LossStepHooks(TrainerCallback):
+    """Tells the loss each optimizer step (the bank warm-up), and stops training when the embeddings
+    collapse, at the end of the step: before any checkpoint of it."""
 
     def __init__(self, loss: ContAccumLoss, patience: int):
         self.loss, self.patience = loss, patience
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.loss.start_step(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.loss.check_collapse(self.patience)
@@ -67,16 +71,6 @@ class _TowerGradNorms(TrainerCallback):
             return {}
         value, self.sum, self.count = float(self.sum) / self.count, 0.0, 0
         return {"grad_norm_ratio_towers": value}
-
-
-class _BankWarmUp(TrainerCallback):
-    """bank_warmup_steps: the bank fills from the first step but is read only from step N on."""
-
-    def __init__(self, loss: ContAccumLoss, steps: int):
-        self.loss, self.steps = loss, steps
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.loss.read_bank = state.global_step >= self.steps
 
 
 class _ResetBankEachStep(TrainerCallback):
@@ -157,20 +151,18 @@ class ContAccumTrainer(Trainer):
             args.passage_bank_size, args.temperature, args.similarity, query_bank_size=args.query_bank_size,
             bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives,
             gather_across_devices=args.gather_across_devices, bank_chunk_size=args.bank_chunk_size,
-            bank_weight=args.bank_weight)
+            bank_weight=args.bank_weight, bank_warmup_steps=args.bank_warmup_steps)
         self.gradcache = GradCache(args.gradcache_chunk_size, paired=True) if args.gradcache_chunk_size else None
         config = getattr(self.model, "config", None)
         if config is not None and hasattr(config, "similarity"):
             config.similarity = args.similarity  # the saved model then says how it is scored
-        self.add_callback(_CollapseGuard(self.contrastive_loss, args.collapse_patience))
+        self.add_callback(_LossStepHooks(self.contrastive_loss, args.collapse_patience))
         self.tower_grad_norms = None
         if config is not None and getattr(config, "shared", True) is False:
             self.tower_grad_norms = _TowerGradNorms()
             self.add_callback(self.tower_grad_norms)
         if args.reset_bank_each_step:
             self.add_callback(_ResetBankEachStep(self.contrastive_loss))
-        if args.bank_warmup_steps:
-            self.add_callback(_BankWarmUp(self.contrastive_loss, args.bank_warmup_steps))
 
     @property
     def memory_bank(self):

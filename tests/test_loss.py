@@ -142,11 +142,11 @@ def test_grad_norm_ratio_is_taken_at_the_compared_unit_vectors():
 
 
 def test_bank_warm_up_fills_without_reading():
-    """read_bank False (bank_warmup_steps): the loss is plain in-batch InfoNCE, the bank still fills."""
+    """During bank_warmup_steps the loss is plain in-batch InfoNCE, and the bank still fills."""
     torch.manual_seed(2)
     d, n = 8, 4
-    loss_fn, plain = ContAccumLoss(12), ContAccumLoss(0)
-    loss_fn.read_bank = False
+    loss_fn, plain = ContAccumLoss(12, bank_warmup_steps=1), ContAccumLoss(0)
+    loss_fn.start_step(0)
     for _ in range(4):
         q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
         keys = torch.randint(0, 100, (n,))
@@ -154,7 +154,7 @@ def test_bank_warm_up_fills_without_reading():
         loss.backward()
         assert torch.equal(loss, plain(q, p, keys)) and loss_fn.last_stats.num_columns == n
     assert loss_fn.bank.fill == 12
-    loss_fn.read_bank = True
+    loss_fn.start_step(1)
     q, p = torch.randn(n, d), torch.randn(n, d)
     loss_fn(q.requires_grad_(), p.requires_grad_(), torch.arange(n))
     assert loss_fn.last_stats.num_columns == n + 12
