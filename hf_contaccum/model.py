@@ -68,9 +68,11 @@ def _encoder_from_config(config_dict: dict):
 
 def _with_adapters(tower, peft_config):
     """The tower wrapped in a PEFT model (only the adapters train); a tower that has them already is kept."""
+    if peft_config is None:  # before importing peft: it is an optional dependency
+        return tower
     from peft import PeftConfig, PeftModel, get_peft_model
 
-    if peft_config is None or isinstance(tower, PeftModel):
+    if isinstance(tower, PeftModel):
         return tower
     if isinstance(peft_config, dict):
         peft_config = PeftConfig.from_peft_type(**peft_config)

@@ -169,3 +169,13 @@ def test_every_trainable_parameter_gets_a_gradient(tmp_path, tokenizer, toy_data
         trainer.compute_loss(model, batch).backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing and any("pooler" in n for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_models_without_adapters_do_not_need_peft(monkeypatch, tmp_path):
+    """peft is optional: the quick start's install has none."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # any `import peft` now fails
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "saved")
+    assert BiEncoder.from_pretrained(tmp_path / "saved").config.peft_config is None
