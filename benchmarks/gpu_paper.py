@@ -15,6 +15,8 @@ pre-filled, so every timed step pays for a full bank.
   full              one batch of N_total without GradCache (recorded as out of memory if it is)
   st-cmnrl          sentence-transformers' CachedMultipleNegativesRankingLoss, mini-batch 8,
                     through SentenceTransformerTrainer
+  <method>+compile  the same with torch_compile=True and pad_to_multiple_of=32 (fixed shapes: every
+                    query 32 tokens, every passage 256), e.g. contaccum-8192+compile
 
 Reports s/step, per-pair time, ratios to GradAccum, mean GPU utilisation (torch.cuda.utilization,
 needs pynvml; None without it) and torch.cuda.max_memory_allocated, and writes JSON.
@@ -47,13 +49,14 @@ N_LOCAL, QUERY_TOKENS, PASSAGE_TOKENS = 8, 32, 256
 
 def layout(method: str, n_total: int):
     """(per-device batch, accumulation steps, bank, GradCache chunk)."""
+    method = method.split("+")[0]
     k = n_total // N_LOCAL
     return {"gradaccum": (N_LOCAL, k, 0, None), "gradcache": (n_total, 1, 0, N_LOCAL),
             "hybrid": (n_total, 1, 8192, N_LOCAL), "full": (n_total, 1, 0, None)}.get(
         method, (N_LOCAL, k, int(method.split("-")[1]) if method.startswith("contaccum-") else 0, None))
 
 
-def make_rows(num_rows: int, tokenizer, passage_tokens: int):
+def make_rows(num_rows: int, passage_tokens: int):
     """(query, positive, negative) rows of real WordNet text; passages long enough to fill passage_tokens."""
     from hf_contaccum.sample_data import load_wordnet_sample
 
@@ -72,12 +75,13 @@ def make_rows(num_rows: int, tokenizer, passage_tokens: int):
 class StepTimer(TrainerCallback):
     """A TrainerCallback timing each optimizer step (CUDA synchronised) and sampling GPU utilisation."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int, profile_to: str | None = None):
         import torch
 
         self.torch, self.warmup, self.times, self.util = torch, warmup, [], []
         self._start = None
         self._sampling = False
+        self.profile_to, self._profiler = profile_to, None
 
     def _sync(self):
         if self.torch.cuda.is_available():
@@ -98,6 +102,11 @@ class StepTimer(TrainerCallback):
                 self.torch.cuda.reset_peak_memory_stats()
                 self._sampling = True
                 threading.Thread(target=self._sample, daemon=True).start()
+        if self.profile_to and state.global_step == self.warmup:  # the first timed step, under torch.profiler
+            activities = [self.torch.profiler.ProfilerActivity.CPU] + (
+                [self.torch.profiler.ProfilerActivity.CUDA] if self.torch.cuda.is_available() else [])
+            self._profiler = self.torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
         self._sync()
         self._start = time.perf_counter()
 
@@ -105,12 +114,36 @@ class StepTimer(TrainerCallback):
         self._sync()
         if state.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._start)
+        if self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            try:
+                write_profile(self._profiler, self.times[-1], self.profile_to)
+            except Exception as error:  # a profile that cannot be read must not cost the timing  # noqa: BLE001
+                with open(self.profile_to, "w") as f:
+                    f.write(f"profile failed: {error!r}\n")
+            self._profiler = None
 
     def on_train_end(self, args, state, control, **kwargs):
         self._sampling = False
 
 
-def encoder_folder(tiny: bool) -> tuple[str, object]:
+def write_profile(profiler, wall: float, path: str) -> None:
+    """One optimizer step's profile: how busy the GPU was, how many kernels were launched, and the ops
+    that took the most host time (where a launch-bound step spends it)."""
+    events = profiler.key_averages()
+    device_us = sum(e.self_device_time_total for e in events if getattr(e, "device_type", None) is not None
+                    and str(e.device_type).endswith("CUDA"))
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                         "cuLaunchKernelEx"))
+    with open(path, "w") as f:
+        f.write(f"step wall {wall:.3f} s; GPU kernel time {device_us / 1e6:.3f} s "
+                f"({100 * device_us / 1e6 / wall:.1f} % busy); kernel launches {launches}\n\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n")
+        if device_us:
+            f.write(events.table(sort_by="self_device_time_total", row_limit=25) + "\n")
+
+
+def encoder_folder(tiny: bool) -> str:
     """bert-base (or a tiny BERT) from a config with a WordPiece tokenizer trained on WordNet, saved as a folder."""
     import torch
     from tokenizers import (
@@ -142,23 +175,32 @@ def encoder_folder(tiny: bool) -> tuple[str, object]:
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path, tokenizer
+    return path
 
 
-def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool) -> dict:
+def bank_mib(loss) -> float:
+    """What the bank holds on the device: its vectors and keys, and the log-sum-exp cache."""
+    bank = loss.bank
+    tensors = [bank.queries, bank.passages, bank.passage_keys, bank.hard_negatives, bank.hard_negative_keys]
+    return (sum(t.numel() * t.element_size() for t in tensors if t is not None) + loss.bank_lse.nbytes()) / 2**20
+
+
+def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, path: str,
+               profile_dir: str | None = None) -> dict:
     import torch
     from datasets import Dataset
 
     cuda = torch.cuda.is_available()
-    path, tokenizer = encoder_folder(tiny)
     passage_tokens = 32 if tiny else PASSAGE_TOKENS
-    rows = make_rows(n_total * (steps + warmup), tokenizer, passage_tokens)
-    timer = StepTimer(warmup)
+    rows = make_rows(n_total * (steps + warmup), passage_tokens)
+    timer = StepTimer(warmup, os.path.join(profile_dir, f"profile_{method}.txt") if profile_dir else None)
+    compiled = method.endswith("+compile")
     common = {"output_dir": tempfile.mkdtemp(), "max_steps": steps + warmup, "learning_rate": 1e-5,
               "report_to": "none", "save_strategy": "no", "logging_steps": 10**6, "disable_tqdm": True,
-              "bf16": cuda, "use_cpu": not cuda, "dataloader_num_workers": 0, "seed": 0}
+              "bf16": cuda, "use_cpu": not cuda, "dataloader_num_workers": 0, "seed": 0,
+              "torch_compile": compiled}
     try:
-        if method == "st-cmnrl":
+        if method.split("+")[0] == "st-cmnrl":
             from sentence_transformers import (
                 SentenceTransformer,
                 SentenceTransformerTrainer,
@@ -185,7 +227,7 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool) -
             args = ContAccumTrainingArguments(
                 per_device_train_batch_size=per_device, gradient_accumulation_steps=k, memory_bank_size=bank,
                 gradcache_chunk_size=chunk, similarity="dot", temperature=0.05, query_max_length=QUERY_TOKENS,
-                passage_max_length=passage_tokens, **common)
+                passage_max_length=passage_tokens, pad_to_multiple_of=32 if compiled else None, **common)
             trainer = ContAccumTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                        processing_class=model.tokenizer, callbacks=[timer])
             if bank:  # a full bank from the first step: every timed step pays for all of it
@@ -194,12 +236,15 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool) -
                 fill = torch.nn.functional.normalize(torch.randn(bank, d, device=device), dim=-1)
                 trainer.contrastive_loss.enqueue(fill, fill, torch.arange(bank, device=device) - 10**12)
         trainer.train()
+        bank_size = bank_mib(trainer.contrastive_loss) if hasattr(trainer, "contrastive_loss") else 0.0
     except torch.OutOfMemoryError:
         return {"method": method, "n_total": n_total, "out_of_memory": True}
     seconds = statistics.median(timer.times)
     return {"method": method, "n_total": n_total, "seconds_per_step": seconds, "seconds_per_pair": seconds / n_total,
             "step_times": timer.times, "gpu_utilisation": statistics.mean(timer.util) if timer.util else None,
             "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "max_memory_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if cuda else None,
+            "bank_mib": bank_size,
             "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": tiny}
 
 
@@ -212,19 +257,29 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="a tiny BERT and short texts: a smoke run on a CPU")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "gpu_paper.json"))
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="profile the first timed step of each method into DIR/profile_<method>.txt")
+    parser.add_argument("--method_timeout", type=float, default=None, help="seconds one method may take")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one method
+    parser.add_argument("--encoder", default=None, help=argparse.SUPPRESS)  # child process: the model folder
     args = parser.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_method(args.one, args.n_total, args.steps, args.warmup, args.tiny)))
+        result = run_method(args.one, args.n_total, args.steps, args.warmup, args.tiny, args.encoder, args.profile)
+        print("RESULT " + json.dumps(result))
         return None
     results, start = [], time.time()
+    encoder = encoder_folder(args.tiny)  # once: every method trains the same model from the same weights
     for method in args.methods.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--n_total", str(args.n_total),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                              env=dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"))
-        lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        result = json.loads(lines[-1]) if lines else {"method": method, "failed": proc.stderr[-2000:]}
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--encoder", encoder] + (
+                   ["--tiny"] if args.tiny else []) + (["--profile", args.profile] if args.profile else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.method_timeout,
+                                  env=dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"))
+            lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            result = json.loads(lines[-1]) if lines else {"method": method, "failed": proc.stderr[-2000:]}
+        except subprocess.TimeoutExpired:
+            result = {"method": method, "failed": f"timed out after {args.method_timeout} s"}
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "step_times"}), flush=True)
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -232,15 +287,15 @@ def main(argv=None):
             json.dump({"n_total": args.n_total, "steps": args.steps, "warmup": args.warmup,
                        "wall_seconds": time.time() - start, "results": results}, f, indent=1)
     base = next((r for r in results if r["method"] == "gradaccum" and "seconds_per_step" in r), None)
-    print(f"\n{'method':<17}{'s/step':>9}{'x GradAccum':>13}{'GPU util %':>12}{'max alloc MiB':>15}")
+    print(f"\n{'method':<24}{'s/step':>9}{'x GradAccum':>13}{'GPU util %':>12}{'max alloc MiB':>15}{'bank MiB':>10}")
     for r in results:
         if "seconds_per_step" not in r:
-            print(f"{r['method']:<17}{'out of memory' if r.get('out_of_memory') else 'failed':>9}")
+            print(f"{r['method']:<24}{'out of memory' if r.get('out_of_memory') else 'failed':>9}")
             continue
         ratio = r["seconds_per_step"] / base["seconds_per_step"] if base else float("nan")
         util = f"{r['gpu_utilisation']:.0f}" if r["gpu_utilisation"] is not None else "n/a"
         mem = f"{r['max_memory_allocated_mib']:.0f}" if r["max_memory_allocated_mib"] is not None else "n/a"
-        print(f"{r['method']:<17}{r['seconds_per_step']:>9.3f}{ratio:>13.2f}{util:>12}{mem:>15}")
+        print(f"{r['method']:<24}{r['seconds_per_step']:>9.3f}{ratio:>13.2f}{util:>12}{mem:>15}{r['bank_mib']:>10.0f}")
     print(f"wall time {time.time() - start:.0f} s")
     return results
 
