@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import Variable
 
 from .bank import NEG_INF, BankLogsumexp, MemoryBank, bank_columns
 from .diagnostics import TrainingDiagnostics
@@ -36,6 +37,15 @@ BANK_FILE = "contaccum_bank_rank{rank}.pt"
 class LossStats:
     num_rows: int  # loss rows: current queries + banked queries
     num_columns: int  # candidate passages per row (negatives per query = this - 1)
+
+
+def _nonfinite_loss_error(value: float, deferred: bool = False) -> FloatingPointError:
+    what = "a micro-batch of this optimizer step had a non-finite contrastive loss" if deferred else \
+        f"contrastive loss is {value}"
+    return FloatingPointError(
+        f"{what}; stopped before applying it, so the last checkpoint is intact. Usual fixes: lower "
+        "learning_rate, use similarity='cos' or a larger temperature with dot product, bf16 instead of fp16, "
+        "and check the data for broken texts.")
 
 
 class ContAccumLoss(nn.Module):
@@ -53,8 +63,8 @@ class ContAccumLoss(nn.Module):
             positive itself) is never a negative.
         gather_across_devices: with several processes, share every micro-batch (passages with
             gradient), so the bank is one global pool, identical on every rank.
-        bank_chunk_size: bank slots per cached log-sum-exp block (advanced; default: max(16, N_mem / d), which
-            keeps the cache below the bank vectors' own size at any N_mem).
+        bank_chunk_size: bank slots per cached log-sum-exp block (advanced; default: max(16, N_mem / (d / 10)),
+            which keeps the cache near 5 % of the bank vectors' own size at any N_mem).
         bank_weight: staleness control, 0 < w <= 1 (default 1, the paper). Every banked entry counts w times:
             a banked column adds w (not 1) to a row's softmax denominator (its logit gets + log w), and a
             banked row weighs w in the mean over rows. w -> 0 tends to gradient accumulation.
@@ -102,6 +112,10 @@ class ContAccumLoss(nn.Module):
         self.restored_step = None  # the global_step saved with the last checkpoint loaded
         self._anonymous_keys_used = 0
         self.diagnostics = TrainingDiagnostics()
+        # False: a non-finite loss raises at once (a host sync per micro-batch). The trainers set True and
+        # call check_finite() before each optimizer step: one sync per step, and the step is still never applied.
+        self.defer_finite_check = False
+        self._nonfinite = None
 
     @property
     def memory_bank_size(self) -> int:
@@ -140,11 +154,11 @@ class ContAccumLoss(nn.Module):
             p_all = gather_with_grad(positives)
             hn_all = gather_with_grad(hard_negatives) if hard_negatives is not None else None
         loss, stats, bank_readers = self._infonce(queries, p_all, pk_all, hn_all, hk_all, training, rank, size)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"contrastive loss is {loss.item()}; stopped before applying it, so the last checkpoint is intact. "
-                "Usual fixes: lower learning_rate, use similarity='cos' or a larger temperature with dot product, "
-                "bf16 instead of fp16, and check the data for broken texts.")
+        if training and self.defer_finite_check:  # on the device; check_finite() reads it once per step
+            bad = ~torch.isfinite(loss.detach())
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        elif not torch.isfinite(loss):
+            raise _nonfinite_loss_error(loss.item())
         self.last_stats = stats
         if training:
             self.diagnostics.micro_batch(stats.num_columns, queries, positives)
@@ -200,13 +214,14 @@ class ContAccumLoss(nn.Module):
                 if self.bank_lse.stale:
                     self.bank_lse.update(bank, torch.empty(0, dtype=torch.long), self.temperature,
                                          self.mask_false_negatives)
-                bq = bank.queries[rows]
-                cur_logits = bq @ cur_cols.T / self.temperature
+                # (N_mem, columns) logits: scaled on the small side and masked in place (the product's backward
+                # does not read it), so the only N_mem-row temporaries are this one and logsumexp's
+                cur_logits = bank.queries[rows] @ (cur_cols.T / self.temperature)
                 if self.mask_false_negatives:
-                    cur_logits = cur_logits.masked_fill(cur_keys[None] == bank.passage_keys[rows][:, None], NEG_INF)
+                    cur_logits.masked_fill_(cur_keys[None] == bank.passage_keys[rows][:, None], NEG_INF)
                 # the row's banked columns, its own positive included, count w each
                 lse = torch.logaddexp(cur_logits.logsumexp(-1), self.bank_lse.row_lse(rows) + log_w)
-                target = (bq * bank.passages[rows]).sum(-1) / self.temperature + log_w
+                target = self.bank_lse.row_positive_logit(rows) + log_w  # cached: no N_mem x d temporary
                 total = total + weight * (lse - target).sum()
                 num_rows += weight * num_bank_rows
             counted += total_bank_rows
@@ -230,7 +245,9 @@ class ContAccumLoss(nn.Module):
         def after_backward(grads):
             if len(grads) == 2 and grads[0] is not None and grads[1] is not None:
                 self.diagnostics.record_grad_norm_ratio(query=grads[0], passage=grads[1])
-            self.enqueue(*entry)
+            # the enqueue (and its cache refresh) runs when this whole backward pass ends: the encoder's
+            # activations are freed by then, so the refresh's temporaries never add to the peak
+            Variable._execution_engine.queue_callback(lambda: self.enqueue(*entry))
 
         torch.autograd.graph.register_multi_grad_hook(readers, after_backward)
 
@@ -265,6 +282,13 @@ class ContAccumLoss(nn.Module):
     def start_step(self, global_step: int) -> None:
         """Call before each optimizer step (global_step = steps done): ends the bank warm-up on time."""
         self.read_bank = global_step >= self.bank_warmup_steps
+
+    def check_finite(self) -> None:
+        """With defer_finite_check: call before each optimizer step; raises FloatingPointError if a training
+        micro-batch since the last call had a non-finite loss, so that step is never applied."""
+        bad, self._nonfinite = self._nonfinite, None
+        if bad is not None and bool(bad):
+            raise _nonfinite_loss_error(float("nan"), deferred=True)
 
     # -- diagnostics (kept on the device; read at logging steps and once per optimizer step) ----
     def check_collapse(self, patience: int) -> None:

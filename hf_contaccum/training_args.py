@@ -64,9 +64,13 @@ class ContAccumTrainingArguments(TrainingArguments):
     max_hard_negatives: int | None = field(default=None, metadata={"help": (
         "Use at most this many hard negatives per query from the data (default: all).")})
     bank_chunk_size: int | None = field(default=None, metadata={"help": (
-        "Bank slots per cached log-sum-exp block (advanced). Default: max(16, N_mem / d), which keeps the cache "
-        "(N_mem^2/chunk floats) below the bank vectors' own size at any N_mem; a smaller chunk makes an enqueue "
+        "Bank slots per cached log-sum-exp block (advanced). Default: max(16, N_mem / (d / 10)), which keeps the "
+        "cache (N_mem^2/chunk floats) near 1/20 of the bank vectors' own size at any N_mem; a smaller chunk makes an enqueue "
         "cheaper (it refreshes (N_local + chunk) x N_mem x d) for more cache memory.")})
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": (
+        "transformers' filter of non-finite losses from the logged loss. Off here: a non-finite loss stops "
+        "training before its step is applied (checked once per optimizer step), so the filter's host sync "
+        "per micro-batch would buy nothing.")})
     remove_unused_columns: bool = field(default=False, metadata={"help": (
         "Kept False: the collator needs the raw text columns.")})
     logging_steps: float = field(default=0.05, metadata={"help": (

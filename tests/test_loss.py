@@ -164,3 +164,18 @@ def test_bad_bank_weight():
     for bad in (0.0, -1.0, 1.5):
         with pytest.raises(ValueError, match="bank_weight must be in"):
             ContAccumLoss(8, bank_weight=bad)
+
+
+def test_a_non_finite_loss_raises_at_once_or_at_check_finite_when_deferred():
+    q, p = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    bad = q * float("nan")
+    with pytest.raises(FloatingPointError, match="contrastive loss is nan"):
+        ContAccumLoss(8)(bad, p)
+    loss_fn = ContAccumLoss(8)
+    loss_fn.defer_finite_check = True  # what the trainers set: no host sync per micro-batch
+    loss_fn(q, p).backward()
+    loss_fn(bad, p).backward()  # no error yet
+    loss_fn(q, p).backward()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        loss_fn.check_finite()
+    loss_fn.check_finite()  # the flag was consumed: the next step starts clean

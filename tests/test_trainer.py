@@ -171,6 +171,28 @@ def test_nan_loss_stops_with_message(tmp_path, tokenizer, toy_dataset):
         trainer.train()
 
 
+def test_a_nan_micro_batch_stops_its_step_before_the_optimizer_applies_it(tmp_path, tokenizer, toy_dataset):
+    """Finiteness is read once per optimizer step (no host sync per micro-batch), and a non-finite
+    micro-batch anywhere in the step still stops training before that step is applied."""
+    class NanInSecondMicroBatch(ContAccumTrainer):
+        calls = 0
+
+        def embed(self, model, features):
+            out = super().embed(model, features)
+            self.calls += 1
+            return {k: v * float("nan") for k, v in out.items()} if self.calls == 2 else out
+
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = trainer_args(tmp_path, max_steps=2, gradient_accumulation_steps=3, memory_bank_size=8)
+    trainer = NanInSecondMicroBatch(model=model, args=args, train_dataset=toy_dataset(24), processing_class=tokenizer)
+    assert trainer.contrastive_loss.defer_finite_check and not args.logging_nan_inf_filter
+    with pytest.raises(FloatingPointError, match="non-finite contrastive loss"):
+        trainer.train()
+    assert trainer.calls == 3 and trainer.state.global_step == 0  # the whole step ran, and was not applied
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in before.items())
+
+
 def test_reset_bank_each_step(tmp_path, tokenizer, toy_dataset):
     args = trainer_args(tmp_path, memory_bank_size=16, gradient_accumulation_steps=2, max_steps=2,
                         reset_bank_each_step=True)
