@@ -24,6 +24,7 @@ needs pynvml; None without it) and torch.cuda.max_memory_allocated, and writes J
     python benchmarks/speed_memory.py --setting gpu-paper          # or: python benchmarks/gpu_paper.py
     python benchmarks/gpu_paper.py --n_total 128 --methods gradaccum,contaccum-8192,full
     python benchmarks/gpu_paper.py --tiny                          # a CPU smoke run (tests use it)
+    python benchmarks/gpu_paper.py --report benchmarks/results/gpu_paper_h200   # table + plot of saved runs
 
 Budget: about 8 methods x (start-up + (warmup + steps) x s/step); at N_total 512 with
 GradAccum near 3-7 s/step on an H100 that is 5-7 minutes with --steps 3.
@@ -186,7 +187,7 @@ def bank_mib(loss) -> float:
 
 
 def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, path: str,
-               profile_dir: str | None = None) -> dict:
+               profile_dir: str | None = None, extra_args: dict | None = None) -> dict:
     import torch
     from datasets import Dataset
 
@@ -198,7 +199,7 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, p
     common = {"output_dir": tempfile.mkdtemp(), "max_steps": steps + warmup, "learning_rate": 1e-5,
               "report_to": "none", "save_strategy": "no", "logging_steps": 10**6, "disable_tqdm": True,
               "bf16": cuda, "use_cpu": not cuda, "dataloader_num_workers": 0, "seed": 0,
-              "torch_compile": compiled}
+              "torch_compile": compiled, **(extra_args or {})}
     try:
         if method.split("+")[0] == "st-cmnrl":
             from sentence_transformers import (
@@ -245,7 +246,57 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, p
             "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "max_memory_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if cuda else None,
             "bank_mib": bank_size,
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": tiny}
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": tiny, "trainer_args": extra_args or {}}
+
+
+def report(folder: str) -> list[dict]:
+    """Every run saved in `folder` (*.json from --out): per method the median s/step, the ratio to the
+    GradAccum of the same run, time per pair, and peak memory above GradAccum against the bank's vectors;
+    writes folder/summary.png."""
+    import glob
+
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            runs[os.path.basename(path)] = [r for r in json.load(f)["results"] if "seconds_per_step" in r]
+    first_gradaccum = {}  # N_total -> GradAccum of the first run that has one (for runs without their own)
+    for results in runs.values():
+        for r in results:
+            if r["method"] == "gradaccum":
+                first_gradaccum.setdefault(r["n_total"], r)
+    rows = []
+    for run, results in runs.items():
+        own = {r["n_total"]: r for r in results if r["method"] == "gradaccum"}
+        rows += [dict(r, run=run, gradaccum=own.get(r["n_total"], first_gradaccum.get(r["n_total"])))
+                 for r in results]
+    print(f"{'run':<24}{'method':<24}{'N':>5}{'s/step':>8}{'x GradAccum':>12}{'ms/pair':>9}{'util %':>7}"
+          f"{'MiB':>9}{'MiB - GA':>9}{'bank vec':>9}")
+    for r in rows:
+        base = r["gradaccum"]
+        ratio = f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}" if base else "-"
+        extra = f"{r['max_memory_allocated_mib'] - base['max_memory_allocated_mib']:.0f}" if base else "-"
+        size = layout(r["method"], r["n_total"])[2] if not r["method"].startswith("st-") else 0
+        vectors = 2 * size * 768 * 4 / 2**20  # bert-base: d 768, fp32 query and passage vectors
+        print(f"{r['run']:<24}{r['method']:<24}{r['n_total']:>5}{r['seconds_per_step']:>8.3f}{ratio:>12}"
+              f"{1000 * r['seconds_per_pair']:>9.2f}{r['gpu_utilisation'] or 0:>7.0f}"
+              f"{r['max_memory_allocated_mib']:>9.0f}{extra:>9}{vectors:>9.0f}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r['method']} (N {r['n_total']})" for r in rows]
+    left.barh(labels, [1000 * r["seconds_per_pair"] for r in rows])
+    left.set_xlabel("ms per (query, passage) pair, one optimizer step")
+    right.barh(labels, [r["max_memory_allocated_mib"] / 1024 for r in rows])
+    right.set_xscale("log")
+    right.set_xlabel("torch.cuda.max_memory_allocated (GiB, log)")
+    right.set_yticklabels([])
+    fig.suptitle(f"gpu_paper on {rows[0]['device']}: bert-base, bf16, 256-token passages" if rows else "")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "summary.png"), dpi=110)
+    return rows
 
 
 def main(argv=None):
@@ -259,12 +310,18 @@ def main(argv=None):
                                                       "gpu_paper.json"))
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile the first timed step of each method into DIR/profile_<method>.txt")
+    parser.add_argument("--trainer_args", default="{}", help="JSON of extra training arguments for every method, "
+                        "e.g. '{\"accelerator_config\": {\"non_blocking\": true}}' or '{\"dataloader_num_workers\": 4}'")
     parser.add_argument("--method_timeout", type=float, default=None, help="seconds one method may take")
+    parser.add_argument("--report", default=None, metavar="DIR", help="print and plot the runs saved in DIR")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one method
     parser.add_argument("--encoder", default=None, help=argparse.SUPPRESS)  # child process: the model folder
     args = parser.parse_args(argv)
+    if args.report:
+        return report(args.report)
     if args.one:
-        result = run_method(args.one, args.n_total, args.steps, args.warmup, args.tiny, args.encoder, args.profile)
+        result = run_method(args.one, args.n_total, args.steps, args.warmup, args.tiny, args.encoder, args.profile,
+                            json.loads(args.trainer_args))
         print("RESULT " + json.dumps(result))
         return None
     results, start = [], time.time()
@@ -272,7 +329,8 @@ def main(argv=None):
     for method in args.methods.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--n_total", str(args.n_total),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--encoder", encoder] + (
-                   ["--tiny"] if args.tiny else []) + (["--profile", args.profile] if args.profile else [])
+                   ["--tiny"] if args.tiny else []) + (["--profile", args.profile] if args.profile else []) + [
+                   "--trainer_args", args.trainer_args]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.method_timeout,
                                   env=dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"))
