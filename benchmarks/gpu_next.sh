@@ -1,0 +1,19 @@
+#!/bin/bash
+# The next GPU session's checks for the throughput issue, sized to ~9 minutes on one H100/H200
+# (a session has 15 minutes of device time, machine start included). Writes JSON and profiles
+# under $OUT (default ./gpu_out). Needs datasets importable (carry its wheels, see the device notes).
+#   1. memory and speed of the current bank code (cache ~5 % of the vectors, no N_mem x d temporary,
+#      enqueue after the backward, finiteness once per step): target ContAccum - GradAccum <= vectors + 10 %
+#   2. non_blocking host-to-device copies (pinned memory): does the micro-step's host time drop?
+#   3. one profiled optimizer step: GPU busy %, kernel launches, the host ops that take the time
+#   4. compiled GradAccum (the compiled baseline) and CachedMNRL again in the same run
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT/prof"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+B=benchmarks/gpu_paper.py
+timeout 170 python3 $B --n_total 512 --methods gradaccum,contaccum-8192,contaccum-65536 --method_timeout 80 --out "$OUT/memory.json"
+timeout 110 python3 $B --n_total 512 --methods gradaccum,contaccum-8192 --method_timeout 55 \
+    --trainer_args '{"accelerator_config": {"non_blocking": true}}' --out "$OUT/non_blocking.json"
+timeout 100 python3 $B --n_total 512 --steps 1 --methods contaccum-8192 --profile "$OUT/prof" --method_timeout 95 --out "$OUT/prof/profile.json"
+timeout 150 python3 $B --n_total 512 --methods gradaccum+compile,st-cmnrl --method_timeout 100 --out "$OUT/compiled_and_st.json"
+python3 $B --report "$OUT"
