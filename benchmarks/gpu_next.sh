@@ -5,8 +5,9 @@
 #   1. memory and speed of the current bank code (cache ~5 % of the vectors, no N_mem x d temporary,
 #      enqueue after the backward, finiteness once per step): target ContAccum - GradAccum <= vectors + 10 %
 #   2. non_blocking host-to-device copies (pinned memory): does the micro-step's host time drop?
-#   3. one profiled optimizer step: GPU busy %, kernel launches, the host ops that take the time
-#   4. compiled GradAccum (the compiled baseline) and CachedMNRL again in the same run
+#   3. one profiled optimizer step (8 micro-steps): GPU busy %, kernel launches, the host ops that take the time
+#   4. CUDA graphs (torch_compile_mode "reduce-overhead", fixed shapes): can a launch-bound micro-step of 8
+#      pairs get near the full batch's 1 ms per pair? And compiled GradAccum, the compiled baseline
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/prof"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -14,6 +15,8 @@ B=benchmarks/gpu_paper.py
 timeout 170 python3 $B --n_total 512 --methods gradaccum,contaccum-8192,contaccum-65536 --method_timeout 80 --out "$OUT/memory.json"
 timeout 110 python3 $B --n_total 512 --methods gradaccum,contaccum-8192 --method_timeout 55 \
     --trainer_args '{"accelerator_config": {"non_blocking": true}}' --out "$OUT/non_blocking.json"
-timeout 100 python3 $B --n_total 512 --steps 1 --methods contaccum-8192 --profile "$OUT/prof" --method_timeout 95 --out "$OUT/prof/profile.json"
-timeout 150 python3 $B --n_total 512 --methods gradaccum+compile,st-cmnrl --method_timeout 100 --out "$OUT/compiled_and_st.json"
+timeout 60 python3 $B --n_total 64 --steps 1 --methods contaccum-8192 --profile "$OUT/prof" --method_timeout 55 --out "$OUT/prof/profile.json"
+timeout 110 python3 $B --n_total 512 --methods contaccum-8192+compile --method_timeout 105 \
+    --trainer_args '{"torch_compile_mode": "reduce-overhead"}' --out "$OUT/cuda_graphs.json"
+timeout 110 python3 $B --n_total 512 --methods gradaccum+compile --method_timeout 105 --out "$OUT/compiled_gradaccum.json"
 python3 $B --report "$OUT"
