@@ -285,3 +285,20 @@ def test_bank_weight_and_warm_up_reach_the_loss_and_its_config(encoder_dir):
     for step, reads in [(0, False), (2, False), (3, True)]:
         callback.on_step_begin(None, SimpleNamespace(global_step=step), None)
         assert loss.contaccum.read_bank is reads
+
+
+def test_a_non_finite_loss_stops_sentence_transformers_training_before_its_step(tmp_path, encoder_dir):
+    """With the callback, finiteness is read once per optimizer step (before the optimizer), not per
+    micro-batch; training still stops before the step is applied."""
+    from datasets import Dataset
+
+    model = st_model(encoder_dir())
+    with torch.no_grad():
+        model[0].auto_model.embeddings.word_embeddings.weight.fill_(float("nan"))
+    loss = ContAccumLoss(model, memory_bank_size=8)
+    trainer = SentenceTransformerTrainer(model=model, args=_st_args(tmp_path), loss=loss,
+                                         train_dataset=Dataset.from_list(toy_rows(24)),
+                                         callbacks=[ContAccumBankCallback(loss)])
+    with pytest.raises(FloatingPointError, match="a micro-batch of this optimizer step had a non-finite"):
+        trainer.train()
+    assert loss.contaccum.defer_finite_check and trainer.state.global_step == 0
