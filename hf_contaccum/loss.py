@@ -28,6 +28,7 @@ from torch.autograd import Variable
 from .bank import NEG_INF, BankLogsumexp, MemoryBank, bank_columns
 from .diagnostics import TrainingDiagnostics
 from .gather import check_equal_shapes, gather_with_grad, gather_without_grad, world
+from .gradcache import deepspeed_zero_stage
 
 SIMILARITIES = ("dot", "cos")
 BANK_FILE = "contaccum_bank_rank{rank}.pt"
@@ -39,9 +40,10 @@ class LossStats:
     num_columns: int  # candidate passages per row (negatives per query = this - 1)
 
 
-def _nonfinite_loss_error(value: float, deferred: bool = False) -> FloatingPointError:
-    what = "a micro-batch of this optimizer step had a non-finite contrastive loss" if deferred else \
-        f"contrastive loss is {value}"
+def _nonfinite_loss_error(value: float | None = None) -> FloatingPointError:
+    """value: the loss, or None when the check was deferred to the optimizer step (the value is not kept)."""
+    what = f"contrastive loss is {value}" if value is not None else \
+        "a micro-batch of this optimizer step had a non-finite contrastive loss"
     return FloatingPointError(
         f"{what}; stopped before applying it, so the last checkpoint is intact. Usual fixes: lower "
         "learning_rate, use similarity='cos' or a larger temperature with dot product, bf16 instead of fp16, "
@@ -112,8 +114,7 @@ class ContAccumLoss(nn.Module):
         self.restored_step = None  # the global_step saved with the last checkpoint loaded
         self._anonymous_keys_used = 0
         self.diagnostics = TrainingDiagnostics()
-        # False: a non-finite loss raises at once (a host sync per micro-batch). The trainers set True and
-        # call check_finite() before each optimizer step: one sync per step, and the step is still never applied.
+        # False: a non-finite loss raises at once (a host sync per micro-batch); see defer_finite_check_to_step
         self.defer_finite_check = False
         self._nonfinite = None
 
@@ -283,12 +284,18 @@ class ContAccumLoss(nn.Module):
         """Call before each optimizer step (global_step = steps done): ends the bank warm-up on time."""
         self.read_bank = global_step >= self.bank_warmup_steps
 
+    def defer_finite_check_to_step(self) -> None:
+        """For a training loop that calls check_finite() before every optimizer step (both trainers' callbacks,
+        at train begin): finiteness is then read once per step, not once per micro-batch. Not under DeepSpeed,
+        which applies the step inside the last micro-batch's backward, before any such call."""
+        self.defer_finite_check = deepspeed_zero_stage() is None
+
     def check_finite(self) -> None:
         """With defer_finite_check: call before each optimizer step; raises FloatingPointError if a training
         micro-batch since the last call had a non-finite loss, so that step is never applied."""
         bad, self._nonfinite = self._nonfinite, None
         if bad is not None and bool(bad):
-            raise _nonfinite_loss_error(float("nan"), deferred=True)
+            raise _nonfinite_loss_error()
 
     # -- diagnostics (kept on the device; read at logging steps and once per optimizer step) ----
     def check_collapse(self, patience: int) -> None:

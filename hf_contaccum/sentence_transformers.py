@@ -23,7 +23,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from . import loss as core
-from .gradcache import GradCache, deepspeed_zero_stage
+from .gradcache import GradCache
 from .model_card import CONTACCUM_BIBTEX, GRADCACHE_BIBTEX
 
 try:  # sentence-transformers >= 6.1: one forward for the candidate columns, as its own losses do
@@ -187,9 +187,7 @@ class ContAccumBankCallback(TrainerCallback):
         return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # one finiteness sync per optimizer step instead of one per micro-batch (DeepSpeed applies the step
-        # inside the last backward, before on_pre_optimizer_step: there the loss checks every micro-batch)
-        self.loss.contaccum.defer_finite_check = deepspeed_zero_stage() is None
+        self.loss.contaccum.defer_finite_check_to_step()  # on_pre_optimizer_step below reads it
         if state.global_step == 0 or self.loss.contaccum.restored_step == state.global_step:
             return  # a fresh run, or a bank restored by hand for this step
         explicit = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None

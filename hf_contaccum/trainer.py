@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from .data import ContrastiveCollator, side_features, split_passages, tokenize_once
-from .gradcache import GradCache, check_engine_supports_gradcache, deepspeed_zero_stage
+from .gradcache import GradCache, check_engine_supports_gradcache
 from .loss import BANK_FILE, ContAccumLoss, check_bank_fits
 from .model_card import build_model_card
 from .training_args import ContAccumTrainingArguments
@@ -36,11 +36,15 @@ def _warn_about_size(num_rows: int, pairs_per_step: int, bank_size: int) -> None
 
 
 class _LossStepHooks(TrainerCallback):
-    """Tells the loss each optimizer step (the bank warm-up), and stops training when the embeddings
-    collapse, at the end of the step: before any checkpoint of it."""
+    """Tells the loss each optimizer step (the bank warm-up), stops training on a non-finite loss before
+    the optimizer applies the step, and when the embeddings collapse, at the end of the step: before any
+    checkpoint of it."""
 
     def __init__(self, loss: ContAccumLoss, patience: int):
         self.loss, self.patience = loss, patience
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.loss.defer_finite_check_to_step()  # on_pre_optimizer_step below reads it
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.loss.start_step(state.global_step)
@@ -155,8 +159,6 @@ class ContAccumTrainer(Trainer):
             bank_hard_negatives=args.bank_hard_negatives, mask_false_negatives=args.mask_false_negatives,
             gather_across_devices=args.gather_across_devices, bank_chunk_size=args.bank_chunk_size,
             bank_weight=args.bank_weight, bank_warmup_steps=args.bank_warmup_steps)
-        # DeepSpeed applies the step inside the last micro-batch's backward, before on_pre_optimizer_step
-        self.contrastive_loss.defer_finite_check = deepspeed_zero_stage() is None
         self.gradcache = GradCache(args.gradcache_chunk_size, paired=True) if args.gradcache_chunk_size else None
         config = getattr(self.model, "config", None)
         if config is not None and hasattr(config, "similarity"):

@@ -1,4 +1,5 @@
 """MemoryBank: FIFO order, wrap-around, oversized batches, no graphs, checkpoint state."""
+import functools
 import os
 
 import psutil
@@ -83,9 +84,9 @@ def _rss_mb():
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
 
 
-def _live_heap_mib():
-    """Bytes the C heap holds for live allocations (glibc's mallinfo2), or None off glibc. Unlike RSS it
-    does not move with fragmentation, so a few MiB of growth is a real leak."""
+@functools.cache
+def _mallinfo2():
+    """glibc's mallinfo2, bound once (the peak test calls it after every op), or None off glibc."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):
@@ -96,7 +97,16 @@ def _live_heap_mib():
         libc.mallinfo2.restype = MallInfo2
     except (OSError, AttributeError):
         return None
-    info = libc.mallinfo2()
+    return libc.mallinfo2
+
+
+def _live_heap_mib():
+    """Bytes the C heap holds for live allocations (glibc's mallinfo2), or None off glibc. Unlike RSS it
+    does not move with fragmentation, so a few MiB of growth is a real leak."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
     return (info.uordblks + info.hblkhd) / 2**20
 
 

@@ -186,9 +186,9 @@ def test_a_nan_micro_batch_stops_its_step_before_the_optimizer_applies_it(tmp_pa
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = trainer_args(tmp_path, max_steps=2, gradient_accumulation_steps=3, memory_bank_size=8)
     trainer = NanInSecondMicroBatch(model=model, args=args, train_dataset=toy_dataset(24), processing_class=tokenizer)
-    assert trainer.contrastive_loss.defer_finite_check and not args.logging_nan_inf_filter
     with pytest.raises(FloatingPointError, match="non-finite contrastive loss"):
         trainer.train()
+    assert trainer.contrastive_loss.defer_finite_check and not args.logging_nan_inf_filter
     assert trainer.calls == 3 and trainer.state.global_step == 0  # the whole step ran, and was not applied
     assert all(torch.equal(value, model.state_dict()[name]) for name, value in before.items())
 
