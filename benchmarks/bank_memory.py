@@ -1,0 +1,88 @@
+"""What the bank adds to memory beyond its own vectors, per micro-step, on CPU (glibc's live-heap counter
+read after every op): the log-sum-exp cache, the temporaries of the loss's forward (they coincide with the
+encoder's activations, so they add to the peak), and those of the backward + enqueue. bert-base's d 768,
+N_local 8 with one hard negative, a pre-filled bank. Writes JSON.
+
+    python benchmarks/bank_memory.py --sizes 8192 65536
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def live_heap() -> int:
+    info = _libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class PeakHeap(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.start = self.peak = live_heap()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, live_heap())
+        return out
+
+
+def measure(size: int, d: int = 768, n: int = 8) -> dict:
+    from hf_contaccum import ContAccumLoss
+
+    torch.manual_seed(0)
+    loss_fn = ContAccumLoss(size, 0.05, "dot")
+    fill = F.normalize(torch.randn(size, d), dim=-1)
+    loss_fn.enqueue(fill, fill, torch.arange(size) - 10**12)
+
+    def inputs(step):
+        q, p, h = (torch.randn(*shape, requires_grad=True) for shape in ((n, d), (n, d), (n, 1, d)))
+        keys = torch.arange(n) + step * n
+        return F.normalize(q, dim=-1), F.normalize(p, dim=-1), keys, F.normalize(h, dim=-1), keys[:, None] + 10**9
+
+    loss_fn(*inputs(0)).backward()  # the cache is built; every later micro-step pays only its update
+    x = inputs(1)
+    with PeakHeap() as forward:
+        loss = loss_fn(*x)
+    with PeakHeap() as backward:
+        start = time.perf_counter()
+        loss.backward()
+        seconds = time.perf_counter() - start
+    mib = 2**20
+    return {"memory_bank_size": size, "d": d, "vectors_mib": 2 * size * d * 4 / mib,
+            "cache_mib": loss_fn.bank_lse.nbytes() / mib, "forward_temporaries_mib": (forward.peak - forward.start) / mib,
+            "backward_and_enqueue_temporaries_mib": (backward.peak - backward.start) / mib,
+            "backward_and_enqueue_seconds": seconds}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 65536])
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                         "bank_memory.json"))
+    args = parser.parse_args()
+    results = [measure(size) for size in args.sizes]
+    for r in results:
+        print(json.dumps(r))
+    with open(args.output, "w") as f:
+        json.dump({"device": "cpu", "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
