@@ -11,6 +11,8 @@ bank x bank block, updated incrementally after each enqueue.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 NEG_INF = float("-inf")
@@ -146,23 +148,31 @@ class BankLogsumexp:
     """For every banked row: the log-sum-exp of its logits over all banked columns, and its own
     positive's logit (both constants until the row or a column is overwritten).
 
-    Kept as a two-level tree so that one enqueue touches little: per row, one value per
-    chunk of `chunk_size` slots, and one per group of ~sqrt(#chunks) chunks. An enqueue
-    recomputes the written rows against every slot, and every valid row against the
-    touched chunks; a row's total is a log-sum-exp over its groups. Every recomputation runs
-    in blocks of rows, so its temporaries stay small at any bank size.
+    Per row, one value per chunk of `chunk_size` slots. The FIFO writes slot after slot, so at any
+    time one chunk is being overwritten (the "sweep" chunk): its value is the log-sum-exp of its
+    new part (slots written since the sweep began, grown one enqueue at a time) and its old part
+    (the slots not yet overwritten). The old part is read from suffix log-sum-exps over granules of
+    `granule` slots, computed once from the old vectors when the sweep begins, plus a fresh
+    computation of the less than one granule before the next granule boundary. So an enqueue costs
+    ~(3 N_local + granule) x N_mem x d, plus N_mem x chunk x d twice per chunk the pointer crosses
+    (once more per N_local of it), and no value is ever removed by subtracting exponentials: every
+    value is a log-sum-exp of kept logits or of fresh ones. Every recomputation runs in blocks of
+    rows, so its temporaries stay small at any bank size.
     """
 
-    MIN_CHUNK = 16
-    CACHE_SHARE = 0.05  # default chunk: the cache holds at most ~5 % of the bank vectors' floats
+    CACHE_SHARE = 0.05  # default sizes: chunk and suffix values together ~5 % of the bank vectors' floats
+    MIN_FLOATS_PER_ROW = 16  # ... but at least this many per row (or d, if smaller), so the granule stays small
     BLOCK_FLOATS = 2**21  # logits per temporary block (8 MiB in fp32)
 
     def __init__(self, chunk_size: int | None = None):
-        self.requested_chunk_size = chunk_size  # None: auto_chunk_size
+        self.requested_chunk_size = chunk_size  # None: auto_sizes
         self.chunk_size = chunk_size
+        self.granule = 1
         self.chunk_lse: torch.Tensor | None = None  # (capacity, num_chunks), fp32
-        self.group_lse: torch.Tensor | None = None  # (capacity, num_groups), fp32
         self.positive_logit: torch.Tensor | None = None  # (capacity,), fp32: q_j . p_j / temperature
+        self.sweep_chunk: int | None = None  # the chunk being overwritten, None between chunks
+        self.new_lse: torch.Tensor | None = None  # (capacity,): over the sweep chunk's slots written so far
+        self.old_suffix: torch.Tensor | None = None  # (capacity, granules per chunk): old slots from granule j on
         self.stale = True
 
     def _slot_lse(self, bank, rows, first, last, temperature, mask_false_negatives):
@@ -177,7 +187,14 @@ class BankLogsumexp:
             row_slots = torch.arange(rows.start, rows.stop, device=keys.device) if isinstance(rows, slice) else rows
             own = (row_slots[:, None] == slots[None])[..., None] & (torch.arange(width, device=keys.device) == 0)
             drop = drop | ((keys[None] == bank.passage_keys[rows][:, None, None]) & ~own)
-        return logits.masked_fill(drop, NEG_INF).logsumexp(-1)
+        logits = logits.masked_fill(drop, NEG_INF)
+        return logits[..., 0] if width == 1 else logits.logsumexp(-1)
+
+    def _span_lse(self, bank, rows, first, last, temperature, mask):
+        """(R,): log-sum-exp over every column of the slots [first, last) (-inf when empty)."""
+        if last <= first:
+            return bank.queries.new_full((_num(rows),), NEG_INF)
+        return self._slot_lse(bank, rows, first, last, temperature, mask).logsumexp(-1)
 
     def _blocks(self, rows, num_columns: int) -> list:
         """`rows` (a slice or an index tensor) in blocks whose logits against num_columns fit BLOCK_FLOATS."""
@@ -195,64 +212,133 @@ class BankLogsumexp:
             values = torch.cat([values, values.new_full((rows, pad), NEG_INF)], 1)
         return values.view(rows, -1, group).logsumexp(-1)
 
+    def _chunk_span(self, chunk: int, capacity: int) -> tuple[int, int]:
+        return chunk * self.chunk_size, min(chunk * self.chunk_size + self.chunk_size, capacity)
+
+    def _set_sweep_rows(self, bank, rows, begin, temperature, mask):
+        """For `rows`: the sweep chunk's new part [chunk start, begin) and the suffixes of the rest, from the
+        vectors now in the bank (suffixes of granules before `begin` are never read)."""
+        first, last = self._chunk_span(self.sweep_chunk, bank.capacity)
+        width = 1 + bank.num_hard_negatives
+        for block in self._blocks(rows, (last - first) * width):
+            slot_lse = self._slot_lse(bank, block, first, last, temperature, mask)
+            self.new_lse[block] = slot_lse[:, :begin - first].logsumexp(-1) if begin > first else NEG_INF
+            granules = self._grouped_lse(slot_lse, self.granule)  # fewer than granules per chunk in a short last chunk
+            self.old_suffix[block, :granules.shape[1]] = granules.flip(-1).logcumsumexp(-1).flip(-1)
+            self.old_suffix[block, granules.shape[1]:] = NEG_INF
+
+    def _old_part(self, bank, rows, ptr, temperature, mask):
+        """(R,): log-sum-exp over the sweep chunk's slots [ptr, chunk end), not yet overwritten: fresh up to
+        the next granule boundary, from the suffixes after it."""
+        first, last = self._chunk_span(self.sweep_chunk, bank.capacity)
+        j = -(-(ptr - first) // self.granule)
+        boundary = min(first + j * self.granule, last)
+        fresh = self._span_lse(bank, rows, ptr, boundary, temperature, mask)
+        if j >= self.old_suffix.shape[1]:
+            return fresh
+        return torch.logaddexp(fresh, self.old_suffix[rows, j])
+
     def _refresh_rows(self, bank, rows, temperature, mask):
+        """Everything of the given (just written, or all) rows, from the bank as it is now."""
         width = 1 + bank.num_hard_negatives
         for block in self._blocks(rows, bank.capacity * width):
             self.chunk_lse[block] = self._grouped_lse(
                 self._slot_lse(bank, block, 0, bank.capacity, temperature, mask), self.chunk_size)
-            self.group_lse[block] = self._grouped_lse(self.chunk_lse[block], self.group_size)
             self.positive_logit[block] = (bank.queries[block] * bank.passages[block]).sum(-1) / temperature
+        if self.sweep_chunk is not None:
+            self._set_sweep_rows(bank, rows, bank.ptr, temperature, mask)
+
+    @torch.no_grad()
+    def before_write(self, bank: MemoryBank, count: int, temperature: float, mask: bool) -> None:
+        """Call before `bank.enqueue` of `count` rows: if the write ends inside a chunk that is not yet being
+        swept, begin its sweep while its old vectors are still in the bank."""
+        if self.stale or bank.queries is None or count == 0:
+            return
+        count = min(count, bank.capacity)
+        end = (bank.ptr + count) % bank.capacity
+        chunk = end // self.chunk_size
+        if end % self.chunk_size == 0 or chunk == self.sweep_chunk:
+            return  # the write ends on a chunk boundary, or continues the sweep
+        first, _ = self._chunk_span(chunk, bank.capacity)
+        begin = bank.ptr if first <= bank.ptr < end else first  # the write starts inside this chunk or before it
+        self.sweep_chunk = chunk
+        self._set_sweep_rows(bank, slice(0, bank.fill), begin, temperature, mask)
 
     @torch.no_grad()
     def update(self, bank: MemoryBank, written: torch.Tensor, temperature: float, mask: bool) -> None:
+        """Call after `bank.enqueue` with the slots it wrote (and before_write before it)."""
         device = bank.queries.device
         if self.stale:  # first use, reset or resume: rebuild from the bank itself
-            self.chunk_size = self.requested_chunk_size or self.auto_chunk_size(bank.capacity, bank.queries.shape[1])
-            num_chunks = -(-bank.capacity // self.chunk_size)
-            self.group_size = max(1, int(num_chunks ** 0.5))
-            self.chunk_lse = torch.full((bank.capacity, num_chunks), NEG_INF, device=device)
-            self.group_lse = torch.full((bank.capacity, -(-num_chunks // self.group_size)), NEG_INF, device=device)
-            self.positive_logit = torch.zeros(bank.capacity, device=device)
+            capacity, dim = bank.capacity, bank.queries.shape[1]
+            if self.requested_chunk_size:
+                self.chunk_size = self.requested_chunk_size
+                self.granule = max(1, self.chunk_size ** 2 // capacity)  # suffix and chunk values balanced
+            else:
+                self.chunk_size, self.granule = self.auto_sizes(capacity, dim)
+            self.chunk_lse = torch.full((capacity, -(-capacity // self.chunk_size)), NEG_INF, device=device)
+            self.positive_logit = torch.zeros(capacity, device=device)
+            self.new_lse = torch.full((capacity,), NEG_INF, device=device)
+            self.old_suffix = torch.full((capacity, -(-self.chunk_size // self.granule)), NEG_INF, device=device)
+            self.sweep_chunk = None
             self._refresh_rows(bank, slice(0, bank.fill), temperature, mask)
             self.stale = False
             return
         if len(written) == 0:
             return
-        written = written.to(device)
-        self._refresh_rows(bank, written, temperature, mask)
+        written = written.cpu()  # slot arithmetic on the host: no device sync
         valid = slice(0, bank.fill)
-        c, g = self.chunk_size, self.group_size
         width = 1 + bank.num_hard_negatives
-        for chunk in torch.unique(written // c).tolist():
-            first, last = chunk * c, min(chunk * c + c, bank.capacity)
-            for block in self._blocks(valid, (last - first) * width):
-                self.chunk_lse[block, chunk] = self._slot_lse(bank, block, first, last, temperature,
-                                                              mask).logsumexp(-1)
-        for group in torch.unique(written // (c * g)).tolist():
-            self.group_lse[valid, group] = self.chunk_lse[valid, group * g:(group + 1) * g].logsumexp(-1)
+        for chunk in torch.unique(written // self.chunk_size).tolist():
+            first, last = self._chunk_span(chunk, bank.capacity)
+            in_chunk = written[(written >= first) & (written < last)]
+            lo, hi = int(in_chunk.min()), int(in_chunk.max()) + 1
+            # the sweep grows only by one range that ends at the pointer; anything else (a chunk written to its
+            # end and left, or a write that wrapped around into it) is recomputed whole, which is always exact
+            if chunk == self.sweep_chunk and hi - lo == len(in_chunk) and hi % bank.capacity == bank.ptr:
+                for block in self._blocks(valid, max(hi - lo, self.granule) * width):
+                    self.new_lse[block] = torch.logaddexp(self.new_lse[block],
+                                                          self._span_lse(bank, block, lo, hi, temperature, mask))
+                    old = self._old_part(bank, block, hi, temperature, mask)
+                    self.chunk_lse[block, chunk] = torch.logaddexp(self.new_lse[block], old)
+            else:
+                if chunk == self.sweep_chunk:
+                    self.sweep_chunk = None
+                for block in self._blocks(valid, (last - first) * width):
+                    self.chunk_lse[block, chunk] = self._span_lse(bank, block, first, last, temperature, mask)
+        if bank.ptr % self.chunk_size == 0:
+            self.sweep_chunk = None  # the pointer is on a chunk boundary: the next write begins a new sweep
+        self._refresh_rows(bank, written.to(device), temperature, mask)  # last: the written rows, all fresh
 
     @classmethod
-    def auto_chunk_size(cls, capacity: int, dim: int) -> int:
-        """Chunks of at least N_mem / (d / 10) slots: the cache then holds about d / 10 floats per banked row,
-        ~5 % of the 2d of the row's own query and passage vectors, at any bank size (for d < 20 it cannot go
-        below the one chunk and one group it needs). The price: an enqueue refreshes (N_local + chunk) x N_mem
-        x d multiply-adds instead of (N_local + 16) x N_mem x d (at N_mem 65,536, d 768: 44 G instead of 1.3 G)."""
-        return max(cls.MIN_CHUNK, -(-capacity // max(1, int(2 * dim * cls.CACHE_SHARE))))
+    def auto_sizes(cls, capacity: int, dim: int) -> tuple[int, int]:
+        """(chunk, granule): per row, capacity / chunk chunk values plus chunk / granule suffix values,
+        ~CACHE_SHARE of the 2d floats of the row's own query and passage vectors (at least
+        MIN_FLOATS_PER_ROW), with the smallest granule that fits: chunk = sqrt(capacity x granule) puts
+        half the budget in each. At N_mem 65,536 and d 768: chunks of 1,737 slots, granules of 46."""
+        budget = max(int(2 * dim * cls.CACHE_SHARE), min(cls.MIN_FLOATS_PER_ROW, dim))  # tiny d: <= d floats
+        granule = max(1, -(-4 * capacity // budget ** 2))
+        while True:
+            chunk = min(capacity, max(1, math.ceil(math.sqrt(capacity * granule))))
+            if -(-capacity // chunk) + -(-chunk // granule) <= budget or granule >= capacity:
+                return chunk, granule
+            granule += 1
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.chunk_lse, self.group_lse, self.positive_logit)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.chunk_lse, self.positive_logit, self.new_lse,
+                                                           self.old_suffix) if t is not None)
 
     def row_lse(self, rows) -> torch.Tensor:
-        return self.group_lse[rows].logsumexp(-1)
+        return self.chunk_lse[rows].logsumexp(-1)
 
     def row_positive_logit(self, rows) -> torch.Tensor:
         return self.positive_logit[rows]
 
+    _TENSORS = ("chunk_lse", "positive_logit", "new_lse", "old_suffix")
+
     def to(self, device) -> BankLogsumexp:
-        if self.chunk_lse is not None:
-            self.chunk_lse, self.group_lse = self.chunk_lse.to(device), self.group_lse.to(device)
-            self.positive_logit = self.positive_logit.to(device)
+        for name in self._TENSORS:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     # The cache is derived from the bank, but a rebuild sums in another order than the incremental
@@ -260,14 +346,18 @@ class BankLogsumexp:
     def state_dict(self) -> dict | None:
         if self.stale:
             return None
-        return {"chunk_size": self.chunk_size, "group_size": self.group_size, "chunk_lse": self.chunk_lse.cpu(),
-                "group_lse": self.group_lse.cpu(), "positive_logit": self.positive_logit.cpu()}
+        return {"chunk_size": self.chunk_size, "granule": self.granule, "sweep_chunk": self.sweep_chunk,
+                **{name: getattr(self, name).cpu() for name in self._TENSORS}}
 
     def load_state_dict(self, state: dict | None) -> None:
-        # a checkpoint from before positive_logit was cached: rebuild the cache from the bank
-        self.stale = state is None or "positive_logit" not in state or self.requested_chunk_size not in (
+        # a checkpoint from an earlier cache layout: rebuild the cache from the bank
+        self.stale = state is None or "old_suffix" not in state or self.requested_chunk_size not in (
             None, state["chunk_size"])
         if not self.stale:
-            self.chunk_size, self.group_size = state["chunk_size"], state["group_size"]
-            self.chunk_lse, self.group_lse = state["chunk_lse"], state["group_lse"]
-            self.positive_logit = state["positive_logit"]
+            self.chunk_size, self.granule, self.sweep_chunk = state["chunk_size"], state["granule"], state["sweep_chunk"]
+            for name in self._TENSORS:
+                setattr(self, name, state[name])
+
+
+def _num(rows) -> int:
+    return len(range(*rows.indices(rows.stop))) if isinstance(rows, slice) else len(rows)

@@ -65,8 +65,8 @@ class ContAccumLoss(nn.Module):
             positive itself) is never a negative.
         gather_across_devices: with several processes, share every micro-batch (passages with
             gradient), so the bank is one global pool, identical on every rank.
-        bank_chunk_size: bank slots per cached log-sum-exp block (advanced; default: max(16, N_mem / (d / 10)),
-            which keeps the cache near 5 % of the bank vectors' own size at any N_mem).
+        bank_chunk_size: bank slots per cached log-sum-exp block (advanced; default: about 2 N_mem / (d / 10),
+            with the cache near 5 % of the bank vectors' own size at any N_mem; see BankLogsumexp.auto_sizes).
         bank_weight: staleness control, 0 < w <= 1 (default 1, the paper). Every banked entry counts w times:
             a banked column adds w (not 1) to a row's softmax denominator (its logit gets + log w), and a
             banked row weighs w in the mean over rows. w -> 0 tends to gradient accumulation.
@@ -258,6 +258,8 @@ class ContAccumLoss(nn.Module):
         if self.bank.capacity == 0:
             return
         hn = self._prepare(hard_negatives) if hard_negatives is not None else None
+        if self.query_bank_size > 0:  # the cache reads the vectors about to be overwritten first
+            self.bank_lse.before_write(self.bank, queries.shape[0], self.temperature, self.mask_false_negatives)
         written = self.bank.enqueue(self._prepare(queries), self._prepare(positives), positive_keys, hn,
                                     hard_negative_keys)
         if self.query_bank_size > 0:

@@ -65,9 +65,9 @@ class ContAccumTrainingArguments(TrainingArguments):
     max_hard_negatives: int | None = field(default=None, metadata={"help": (
         "Use at most this many hard negatives per query from the data (default: all).")})
     bank_chunk_size: int | None = field(default=None, metadata={"help": (
-        "Bank slots per cached log-sum-exp block (advanced). Default: max(16, N_mem / (d / 10)), which keeps the "
-        "cache (N_mem^2/chunk floats) near 1/20 of the bank vectors' own size at any N_mem; a smaller chunk makes an enqueue "
-        "cheaper (it refreshes (N_local + chunk) x N_mem x d) for more cache memory.")})
+        "Bank slots per cached log-sum-exp block (advanced). Default: about 20 N_mem / d (N_mem 65,536, d 768: "
+        "1,737), which keeps the cache near 1/20 of the bank vectors' own size at any N_mem while an enqueue "
+        "refreshes ~(4 N_local + granule) x N_mem x d multiply-adds (granule ~ chunk^2 / N_mem slots).")})
     logging_nan_inf_filter: bool = field(default=False, metadata={"help": (
         "transformers' filter of non-finite losses from the logged loss. Off here: a non-finite loss stops "
         "training before its step is applied (checked once per optimizer step), so the filter's host sync "

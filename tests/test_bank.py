@@ -6,7 +6,7 @@ import psutil
 import pytest
 import torch
 
-from hf_contaccum.bank import MemoryBank
+from hf_contaccum.bank import MemoryBank, bank_columns
 from hf_contaccum.loss import ContAccumLoss
 
 
@@ -136,7 +136,7 @@ def test_bounded_memory_over_2000_micro_steps():
 
 @pytest.mark.parametrize("capacity, dim", [(4096, 384), (16384, 8), (1000, 4)])
 def test_log_sum_exp_cache_never_exceeds_the_bank_vectors(capacity, dim):
-    """The default chunk grows with N_mem / d: the cache stays below the bank's own 2 x N_mem x d floats
+    """The default chunk grows with N_mem: the cache stays below the bank's own 2 x N_mem x d floats
     (with fixed chunks of 16 it grows as N_mem^2 / 16: 67 MB against 1 MB of vectors at 16384 x 8)."""
     loss_fn = ContAccumLoss(capacity)
     vectors = torch.nn.functional.normalize(torch.randn(capacity, dim), dim=-1)
@@ -144,7 +144,7 @@ def test_log_sum_exp_cache_never_exceeds_the_bank_vectors(capacity, dim):
     loss_fn.bank_lse.update(loss_fn.bank, torch.empty(0, dtype=torch.long), 1.0, True)
     vector_bytes = 2 * capacity * dim * 4
     assert 0 < loss_fn.bank_lse.nbytes() <= vector_bytes
-    if dim >= 20:  # ~d/10 floats per row: within 10 % of the vectors (tiny d: one chunk and one group at least)
+    if dim >= 96:  # ~d/10 floats per row: within 10 % of the vectors (small d: min(16, d) + 2 floats per row)
         assert loss_fn.bank_lse.nbytes() <= 0.1 * vector_bytes
 
 
@@ -196,13 +196,15 @@ def test_the_bank_adds_little_beyond_its_vectors_while_the_encoder_holds_its_act
     assert loss_fn.bank.num_enqueued == enqueued + n  # and was once the backward ended
 
 
-def test_automatic_chunk_matches_the_equations():
+def test_automatic_sizes_match_the_equations():
+    """Default sizes with a granule > 1, a chunk that does not divide N_mem and micro-batches that do not
+    divide the granule: the sweep's pointer lands mid-granule, and the bank wraps around."""
     from reference import naive_contaccum_loss
 
     torch.manual_seed(3)
-    d, n, m = 20, 4, 40  # chunk = max(16, 40 / (20 / 10)) = 20: two chunks
+    d, n, m = 20, 3, 100
     loss_fn = ContAccumLoss(m, 0.5, mask_false_negatives=False)
-    for _ in range(15):  # fills and wraps around
+    for _ in range(45):  # fills and wraps around
         q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
         f = loss_fn.bank.fill
         bq = loss_fn.bank.queries[:f].clone() if f else torch.zeros(0, d)
@@ -210,4 +212,65 @@ def test_automatic_chunk_matches_the_equations():
         loss = loss_fn(q, p, torch.arange(n))
         assert torch.allclose(loss, naive_contaccum_loss(q, p, None, bq, bp, None, 0.5), atol=1e-5)
         loss.backward()
-    assert loss_fn.bank_lse.chunk_size == 20
+    # 16 floats per row: 100 / 15 -> 7 chunk values + 15 / 2 -> 8 suffix values
+    assert (loss_fn.bank_lse.chunk_size, loss_fn.bank_lse.granule) == (15, 2)
+
+
+def _brute_force_row_lse(loss_fn):
+    bank, f = loss_fn.bank, loss_fn.bank.fill
+    vecs, keys = bank_columns(bank)
+    logits = bank.queries[:f] @ vecs.flatten(0, 1).T / loss_fn.temperature
+    own = torch.zeros(f, keys.numel(), dtype=torch.bool)
+    own[torch.arange(f), torch.arange(f) * keys.shape[1]] = True
+    same = keys.flatten()[None] == bank.passage_keys[:f, None]
+    return logits.masked_fill(same & ~own, float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.parametrize("capacity", [10, 40, 97])
+@pytest.mark.parametrize("chunk", [None, 1, 4, 10, "capacity"])
+@pytest.mark.parametrize("hard_negatives", [0, 2])
+def test_the_cache_equals_a_brute_force_log_sum_exp_after_every_enqueue(capacity, chunk, hard_negatives):
+    """Every way a FIFO write can meet the chunks: within the swept chunk, to its end, across several
+    chunks, around the end of the bank back into the same chunk, a whole bank at once, more than a bank;
+    a rebuild mid-chunk (as after a reset or an old checkpoint); masked duplicate keys; banked hard
+    negatives. The cache must equal the log-sum-exp of the whole bank block, recomputed from scratch."""
+    torch.manual_seed(capacity)
+    chunk = capacity if chunk == "capacity" else chunk
+    loss_fn = ContAccumLoss(capacity, 0.5, bank_chunk_size=chunk, bank_hard_negatives=bool(hard_negatives))
+    sizes = [3, 4, 4, 5, 1, 2, 7, capacity, capacity + 3, 8]
+    for step in range(4 * len(sizes)):
+        n, d, h = sizes[step % len(sizes)], 6, hard_negatives
+        loss_fn.enqueue(torch.randn(n, d), torch.randn(n, d), torch.randint(0, 3 * capacity, (n,)),
+                        torch.randn(n, h, d) if h else None, torch.randint(0, 3 * capacity, (n, h)) if h else None)
+        if step == 2:
+            loss_fn.bank_lse.stale = True
+            loss_fn.bank_lse.update(loss_fn.bank, torch.empty(0, dtype=torch.long), 0.5, True)
+        got = loss_fn.bank_lse.row_lse(slice(0, loss_fn.bank.fill))
+        torch.testing.assert_close(got, _brute_force_row_lse(loss_fn), atol=1e-4, rtol=1e-5)
+
+
+def test_an_enqueue_costs_order_n_local_x_n_mem_logits(monkeypatch):
+    """The refresh computes ~(4 N_local + granule) x N_mem logits per enqueue, on average over a sweep: at
+    N_mem 4096 and d 384, 35 per row for 8 new pairs (a chunked cache without the sweep recomputes the whole
+    touched chunk: with chunks sized for the same memory, 108 + 8 per row)."""
+    from hf_contaccum.bank import BankLogsumexp
+
+    counted = []
+    slot_lse = BankLogsumexp._slot_lse
+
+    def counting(self, bank, rows, first, last, *args):
+        out = slot_lse(self, bank, rows, first, last, *args)
+        counted.append(out.numel())
+        return out
+
+    m, d, n = 4096, 384, 8
+    loss_fn = ContAccumLoss(m, temperature=0.05)
+    vectors = torch.nn.functional.normalize(torch.randn(m, d), dim=-1)
+    loss_fn.enqueue(vectors, vectors, torch.arange(m))
+    monkeypatch.setattr(BankLogsumexp, "_slot_lse", counting)
+    enqueues = 4 * loss_fn.bank_lse.chunk_size // n  # several sweeps
+    for step in range(enqueues):
+        q = torch.nn.functional.normalize(torch.randn(n, d), dim=-1)
+        loss_fn.enqueue(q, q, torch.arange(n) + m + step * n)
+    per_row = sum(counted) / enqueues / m
+    assert per_row <= 5 * n + loss_fn.bank_lse.granule, (per_row, loss_fn.bank_lse.chunk_size)

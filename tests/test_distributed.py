@@ -57,7 +57,9 @@ def test_two_processes_equal_one_process_on_global_batch(tmp_path, tokenizer, gr
         assert torch.allclose(value, params[name], atol=1e-6), name
     bank = single.memory_bank
     assert result["checksums"][0][3:] == [bank.ptr, bank.fill]
-    assert result["checksums"][0][0] == pytest.approx(float(bank.queries.double().sum()), rel=1e-5)
+    # the same vectors: their sum nearly cancels (|sum| << sum of |x|), so the tolerance is on the magnitudes
+    magnitude = float(bank.queries.double().abs().sum())
+    assert result["checksums"][0][0] == pytest.approx(float(bank.queries.double().sum()), abs=1e-6 * magnitude)
 
 
 def test_uneven_dataset_is_evened_not_hung(tmp_path):
