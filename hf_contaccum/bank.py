@@ -154,8 +154,9 @@ class BankLogsumexp:
     (the slots not yet overwritten). The old part is read from suffix log-sum-exps over granules of
     `granule` slots, computed once from the old vectors when the sweep begins, plus a fresh
     computation of the less than one granule before the next granule boundary. So an enqueue costs
-    ~(3 N_local + granule) x N_mem x d, plus N_mem x chunk x d twice per chunk the pointer crosses
-    (once more per N_local of it), and no value is ever removed by subtracting exponentials: every
+    ~(3 N_local + granule) x N_mem x d, plus N_mem x chunk x d once per chunk the pointer enters
+    (~N_local x N_mem x d a micro-step on average, in one go), and no value is ever removed by
+    subtracting exponentials: every
     value is a log-sum-exp of kept logits or of fresh ones. Every recomputation runs in blocks of
     rows, so its temporaries stay small at any bank size.
     """
@@ -173,6 +174,7 @@ class BankLogsumexp:
         self.sweep_chunk: int | None = None  # the chunk being overwritten, None between chunks
         self.new_lse: torch.Tensor | None = None  # (capacity,): over the sweep chunk's slots written so far
         self.old_suffix: torch.Tensor | None = None  # (capacity, granules per chunk): old slots from granule j on
+        self._completing = (None, None)  # between before_write and update: the chunk left, and its new part
         self.stale = True
 
     def _slot_lse(self, bank, rows, first, last, temperature, mask_false_negatives):
@@ -261,6 +263,8 @@ class BankLogsumexp:
             return  # the write ends on a chunk boundary, or continues the sweep
         first, _ = self._chunk_span(chunk, bank.capacity)
         begin = bank.ptr if first <= bank.ptr < end else first  # the write starts inside this chunk or before it
+        if self.sweep_chunk is not None:  # this write completes the chunk swept so far: keep its new part
+            self._completing = (self.sweep_chunk, self.new_lse.clone())
         self.sweep_chunk = chunk
         self._set_sweep_rows(bank, slice(0, bank.fill), begin, temperature, mask)
 
@@ -279,13 +283,14 @@ class BankLogsumexp:
             self.positive_logit = torch.zeros(capacity, device=device)
             self.new_lse = torch.full((capacity,), NEG_INF, device=device)
             self.old_suffix = torch.full((capacity, -(-self.chunk_size // self.granule)), NEG_INF, device=device)
-            self.sweep_chunk = None
+            self.sweep_chunk, self._completing = None, (None, None)
             self._refresh_rows(bank, slice(0, bank.fill), temperature, mask)
             self.stale = False
             return
         if len(written) == 0:
             return
         written = written.cpu()  # slot arithmetic on the host: no device sync
+        completing, self._completing = self._completing, (None, None)
         valid = slice(0, bank.fill)
         width = 1 + bank.num_hard_negatives
         for chunk in torch.unique(written // self.chunk_size).tolist():
@@ -300,6 +305,10 @@ class BankLogsumexp:
                                                           self._span_lse(bank, block, lo, hi, temperature, mask))
                     old = self._old_part(bank, block, hi, temperature, mask)
                     self.chunk_lse[block, chunk] = torch.logaddexp(self.new_lse[block], old)
+            elif chunk == completing[0] and hi - lo == len(in_chunk) and hi == last:  # written to its end
+                for block in self._blocks(valid, (hi - lo) * width):
+                    self.chunk_lse[block, chunk] = torch.logaddexp(
+                        completing[1][block], self._span_lse(bank, block, lo, hi, temperature, mask))
             else:
                 if chunk == self.sweep_chunk:
                     self.sweep_chunk = None
