@@ -51,7 +51,19 @@ def layouts(n_total, bank):
 MAX_LENGTHS = {"wordnet": (64, 32), "debian": (32, 64), "code": (32, 128)}
 
 
+def encoder_path() -> str:
+    """The offline MiniLM, or the folder in $CONTACCUM_BENCH_ENCODER (a GPU machine: see gpu_carry.py)."""
+    from hf_contaccum.quickstart import default_encoder_path
+
+    return os.environ.get("CONTACCUM_BENCH_ENCODER") or default_encoder_path()
+
+
 def load_task(task, eval_queries, corpus_size):
+    carried = os.path.join(os.environ.get("CONTACCUM_BENCH_TASKS", ""), f"{task}.json.gz")
+    if os.environ.get("CONTACCUM_BENCH_TASKS") and os.path.exists(carried):  # built on another machine
+        from gpu_carry import load_task_file
+
+        return load_task_file(carried)
     if task == "code":
         from code_search import load_code_search
 
@@ -67,11 +79,10 @@ def load_task(task, eval_queries, corpus_size):
 
 def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output_dir, max_lengths):
     from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments
-    from hf_contaccum.quickstart import default_encoder_path
 
     per_device, k, qbank, pbank, chunk, _, *more = layout  # optional 7th: further training arguments
     torch.manual_seed(seed)
-    model = BiEncoder.from_encoder(default_encoder_path(), normalize=True)
+    model = BiEncoder.from_encoder(encoder_path(), normalize=True)
     args = ContAccumTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=k,
         max_steps=steps, learning_rate=lr, warmup_steps=0.1, max_grad_norm=2.0, seed=seed, data_seed=seed,
@@ -165,7 +176,6 @@ def main():
     for extra in sweep:
         methods[f"contaccum-{extra}"] = (N_LOCAL, n_total // N_LOCAL, extra, extra, None, 1)
     from hf_contaccum import BiEncoder
-    from hf_contaccum.quickstart import default_encoder_path
 
     suffix = "_quick" if args.quick else ""
     path = output + suffix + ".json"
@@ -173,7 +183,7 @@ def main():
               "eval_queries": len(evaluator.queries), "corpus": len(corpus)}
     results, before = load_runs(path, config) if args.resume and os.path.exists(path) else ([], None)
     if before is None:
-        before = evaluator(BiEncoder.from_encoder(default_encoder_path(), normalize=True))
+        before = evaluator(BiEncoder.from_encoder(encoder_path(), normalize=True))
     print("pretrained:", json.dumps(before), flush=True)
     done = {(r["method"], r["seed"]) for r in results}
     os.makedirs(os.path.dirname(output), exist_ok=True)

@@ -8,6 +8,7 @@ bank warm-up of 20 % of the steps (XBM), against gradient accumulation and GradC
 
     python benchmarks/staleness.py --task wordnet --n_total 32 --steps 100 --seeds 2
     python benchmarks/staleness.py ... --resume --seeds 3     # add a seed to a finished run
+    bash benchmarks/gpu_staleness.sh                          # N_total 128, 3 tasks x 3 seeds on one GPU
 
 A maximum age is not a separate setting: entries join a FIFO bank every micro-step, so the
 oldest is N_mem / N_total optimizer steps old, and a maximum age of A steps is exactly a
@@ -21,7 +22,15 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import MAX_LENGTHS, N_LOCAL, load_runs, load_task, save, train_and_evaluate
+from quality import (
+    MAX_LENGTHS,
+    N_LOCAL,
+    encoder_path,
+    load_runs,
+    load_task,
+    save,
+    train_and_evaluate,
+)
 
 
 def methods(n_total: int, factor: int, steps: int) -> dict:
@@ -30,6 +39,7 @@ def methods(n_total: int, factor: int, steps: int) -> dict:
     return {
         "gradaccum": (N_LOCAL, k, 0, 0, None, 1),
         "gradcache": (n_total, 1, 0, 0, N_LOCAL, 1),
+        "full": (n_total, 1, 0, 0, None, 1),  # one batch of N_total (the memory GradCache saves; dropout differs)
         f"contaccum-{n_total}": (N_LOCAL, k, n_total, n_total, None, 1),
         f"contaccum-{big}": (N_LOCAL, k, big, big, None, 1),
         f"contaccum-{big}-weight-{n_total / big:g}": (*contaccum[:2], big, big, None, 1, {"bank_weight": n_total / big}),
@@ -49,11 +59,16 @@ def main():
     parser.add_argument("--corpus_size", type=int, default=3000)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--output", default=None, help="default benchmarks/results/staleness_<task>.json")
+    parser.add_argument("--first_seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    parser.add_argument("--merge", nargs="+", metavar=("OUTPUT", "PART"), default=None,
+                        help="write OUTPUT from runs saved apart with the same settings (e.g. one process per seed)")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge[0], args.merge[1:])
 
     from hf_contaccum import BiEncoder
     from hf_contaccum.evaluation import RetrievalEvaluator
-    from hf_contaccum.quickstart import default_encoder_path
 
     path = args.output or f"benchmarks/results/staleness_{args.task}.json"
     max_lengths = MAX_LENGTHS[args.task]
@@ -64,19 +79,41 @@ def main():
               "seeds": args.seeds, "lr": args.lr, "eval_queries": len(evaluator.queries), "corpus": len(corpus)}
     results, before = load_runs(path, config) if args.resume and os.path.exists(path) else ([], None)
     if before is None:
-        before = evaluator(BiEncoder.from_encoder(default_encoder_path(), normalize=True))
+        before = evaluator(BiEncoder.from_encoder(encoder_path(), normalize=True))
     print("pretrained:", json.dumps(before), flush=True)
     done = {(r["method"], r["seed"]) for r in results}
-    for seed in range(args.seeds):
-        for method, layout in methods(args.n_total, args.factor, args.steps).items():
+    chosen = methods(args.n_total, args.factor, args.steps)
+    if args.methods:
+        chosen = {m: chosen[m] for m in args.methods.split(",")}
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for method, layout in chosen.items():
             if (method, seed) in done:
                 continue
-            r = train_and_evaluate(method, layout, seed, args.steps, evaluator, train, args.lr, "/tmp/staleness_run",
+            r = train_and_evaluate(method, layout, seed, args.steps, evaluator, train, args.lr,
+                                   f"/tmp/staleness_run_{os.getpid()}",
                                    max_lengths)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "grad_norm_ratio"}), flush=True)
             save(path, config, before, results)
-    table = save(path, config, before, results)
+    print_table(save(path, config, before, results))
+
+
+def merge(path: str, parts: list[str]) -> None:
+    """One table from runs made apart (e.g. one process per seed on a GPU): the same settings but seeds."""
+    config, before, results = None, None, []
+    for part in parts:
+        with open(part) as f:
+            saved = json.load(f)
+        settings = {k: v for k, v in saved.items() if k not in ("pretrained", "table", "runs", "seeds")}
+        if config is not None and settings != {k: v for k, v in config.items() if k != "seeds"}:
+            raise SystemExit(f"--merge: {part} was made with other settings than {parts[0]}")
+        config, before = config or settings, before or saved["pretrained"]
+        results += saved["runs"]
+    config["seeds"] = len({r["seed"] for r in results})
+    print_table(save(path, config, before, results))
+
+
+def print_table(table) -> None:
     print(f"\n{'method':<34}{'nDCG@10':>16}{'Recall@100':>16}{'runs':>6}")
     for e in table:
         print(f"{e['method']:<34}{e['ndcg@10']:>9.4f} ± {e['ndcg@10_sd']:.4f}"

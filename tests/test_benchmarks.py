@@ -47,6 +47,34 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path):
         quality.load_runs(path, {**CONFIG, "steps": 20})
 
 
+def test_runs_made_apart_merge_into_one_table_and_other_settings_are_refused(tmp_path):
+    import staleness
+
+    parts = []
+    for seed in (0, 1):  # one process per seed, as benchmarks/gpu_staleness.sh runs them
+        parts.append(str(tmp_path / f"seed{seed}.json"))
+        quality.save(parts[-1], {**CONFIG, "seeds": 1}, BEFORE, [r for r in RUNS if r["seed"] == seed])
+    staleness.merge(str(tmp_path / "merged.json"), parts)
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["seeds"] == 2 and sorted(map(str, merged["runs"])) == sorted(map(str, RUNS))
+    assert merged["table"][0]["runs"] == 2 and merged["table"][0]["ndcg@10"] == pytest.approx(0.52)
+    quality.save(str(tmp_path / "other.json"), {**CONFIG, "lr": 5e-5}, BEFORE, RUNS[:1])
+    with pytest.raises(SystemExit, match="other settings"):
+        staleness.merge(str(tmp_path / "bad.json"), parts + [str(tmp_path / "other.json")])
+
+
+def test_a_task_built_here_loads_on_another_machine_unchanged(tmp_path, monkeypatch):
+    import gpu_carry
+    from datasets import Dataset
+
+    task = (Dataset.from_dict({"query": ["a", "b"], "positive": ["x", "y"], "positive_id": ["1", "2"]}),
+            {"q0": "a"}, {"1": "x", "2": "y"}, {"q0": {"1": 1}})
+    gpu_carry.save_task(str(tmp_path / "debian.json.gz"), task)
+    monkeypatch.setenv("CONTACCUM_BENCH_TASKS", str(tmp_path))
+    train, queries, corpus, qrels = quality.load_task("debian", 500, 3000)  # the carried file, not apt's lists
+    assert train.to_dict() == task[0].to_dict() and (queries, corpus, qrels) == task[1:]
+
+
 def test_gpu_paper_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     """The GPU benchmark's whole path (processes, Trainer loops, timer, JSON) as a CPU smoke run."""
     import gpu_paper

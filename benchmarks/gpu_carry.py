@@ -1,0 +1,73 @@
+"""Build .gpu_carry/ here, for a device call: what a GPU machine lacks and cannot download.
+
+  .gpu_carry/wheels/   datasets (+ dill, multiprocess): the device image has no datasets
+  .gpu_carry/minilm/   the offline all-MiniLM-L6-v2 in fp16 (45 MB; a call carries at most 64 MiB);
+                       benchmarks/gpu_staleness.sh widens it back to fp32 there
+  .gpu_carry/tasks/    the Debian and code-search tasks, built here (their text comes from this
+                       machine's apt lists and Python stdlib, which differ on another image), as JSON
+
+    python benchmarks/gpu_carry.py        # then: run(command="bash benchmarks/gpu_staleness.sh",
+                                           #           carry=[".gpu_carry"]); add /.gpu_carry/ to .git/info/exclude
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def save_task(path: str, task) -> None:
+    train, queries, corpus, qrels = task
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        json.dump({"train": train.to_dict(), "queries": queries, "corpus": corpus, "qrels": qrels}, f)
+
+
+def load_task_file(path: str):
+    """(train Dataset, queries, corpus, qrels) as saved by save_task."""
+    from datasets import Dataset
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        saved = json.load(f)
+    return Dataset.from_dict(saved["train"]), saved["queries"], saved["corpus"], saved["qrels"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(HERE, "..", ".gpu_carry"))
+    parser.add_argument("--eval_queries", type=int, default=500)
+    parser.add_argument("--corpus_size", type=int, default=3000)
+    args = parser.parse_args()
+    from quality import load_task
+    from safetensors.torch import load_file, save_file
+
+    from hf_contaccum.quickstart import default_encoder_path
+
+    os.makedirs(os.path.join(args.out, "tasks"), exist_ok=True)
+    for task in ("debian", "code"):
+        save_task(os.path.join(args.out, "tasks", f"{task}.json.gz"), load_task(task, args.eval_queries, args.corpus_size))
+    source, target = default_encoder_path(), os.path.join(args.out, "minilm")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("model.safetensors", "README.md", ".*"))
+    weights = load_file(os.path.join(source, "model.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
+              os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
+    wheels = os.path.join(args.out, "wheels")
+    os.makedirs(wheels, exist_ok=True)
+    if not glob.glob(os.path.join(wheels, "datasets-*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels, "datasets==5.2.0",
+                        "dill==0.4.1", "multiprocess==0.70.19", "--python-version", "3.12", "--only-binary=:all:"],
+                       check=True)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
+    print(f"{args.out}: {size / 2**20:.1f} MiB (a device call carries at most 64 MiB with the repository)")
+
+
+if __name__ == "__main__":
+    main()
