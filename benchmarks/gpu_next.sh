@@ -1,7 +1,7 @@
 #!/bin/bash
 # The next GPU session's checks for the throughput issue, sized to ~9 minutes on one H100/H200
 # (a session has 15 minutes of device time, machine start included). Writes JSON and profiles
-# under $OUT (default ./gpu_out). Needs datasets importable (carry its wheels, see the device notes).
+# under $OUT (default ./gpu_out). Run python benchmarks/gpu_carry.py here first and carry .gpu_carry (datasets).
 #   1. memory and speed of the current bank code (cache ~5 % of the vectors, no N_mem x d temporary,
 #      enqueue after the backward, finiteness once per step): target ContAccum - GradAccum <= vectors + 10 %
 #   2. non_blocking host-to-device copies (pinned memory): does the micro-step's host time drop?
@@ -11,6 +11,12 @@
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/prof"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+if ! python3 -c "import datasets" 2>/dev/null; then  # the device image has no datasets: carry .gpu_carry
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .gpu_carry/wheels/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 B=benchmarks/gpu_paper.py
 timeout 170 python3 $B --n_total 512 --methods gradaccum,contaccum-8192,contaccum-65536 --method_timeout 80 --out "$OUT/memory.json"
 timeout 110 python3 $B --n_total 512 --methods gradaccum,contaccum-8192 --method_timeout 55 \
