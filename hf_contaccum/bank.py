@@ -156,9 +156,8 @@ class BankLogsumexp:
     computation of the less than one granule before the next granule boundary. So an enqueue costs
     ~(3 N_local + granule) x N_mem x d, plus N_mem x chunk x d once per chunk the pointer enters
     (~N_local x N_mem x d a micro-step on average, in one go), and no value is ever removed by
-    subtracting exponentials: every
-    value is a log-sum-exp of kept logits or of fresh ones. Every recomputation runs in blocks of
-    rows, so its temporaries stay small at any bank size.
+    subtracting exponentials: every value is a log-sum-exp of kept logits or of fresh ones. Every
+    recomputation runs in blocks of rows, so its temporaries stay small at any bank size.
     """
 
     CACHE_SHARE = 0.05  # default sizes: chunk and suffix values together ~5 % of the bank vectors' floats
@@ -195,7 +194,7 @@ class BankLogsumexp:
     def _span_lse(self, bank, rows, first, last, temperature, mask):
         """(R,): log-sum-exp over every column of the slots [first, last) (-inf when empty)."""
         if last <= first:
-            return bank.queries.new_full((_num(rows),), NEG_INF)
+            return torch.full_like(self.positive_logit[rows], NEG_INF)
         return self._slot_lse(bank, rows, first, last, temperature, mask).logsumexp(-1)
 
     def _blocks(self, rows, num_columns: int) -> list:
@@ -297,15 +296,16 @@ class BankLogsumexp:
             first, last = self._chunk_span(chunk, bank.capacity)
             in_chunk = written[(written >= first) & (written < last)]
             lo, hi = int(in_chunk.min()), int(in_chunk.max()) + 1
+            contiguous = hi - lo == len(in_chunk)
             # the sweep grows only by one range that ends at the pointer; anything else (a chunk written to its
             # end and left, or a write that wrapped around into it) is recomputed whole, which is always exact
-            if chunk == self.sweep_chunk and hi - lo == len(in_chunk) and hi % bank.capacity == bank.ptr:
+            if chunk == self.sweep_chunk and contiguous and hi % bank.capacity == bank.ptr:
                 for block in self._blocks(valid, max(hi - lo, self.granule) * width):
                     self.new_lse[block] = torch.logaddexp(self.new_lse[block],
                                                           self._span_lse(bank, block, lo, hi, temperature, mask))
                     old = self._old_part(bank, block, hi, temperature, mask)
                     self.chunk_lse[block, chunk] = torch.logaddexp(self.new_lse[block], old)
-            elif chunk == completing[0] and hi - lo == len(in_chunk) and hi == last:  # written to its end
+            elif chunk == completing[0] and contiguous and hi == last:  # written to its end
                 for block in self._blocks(valid, (hi - lo) * width):
                     self.chunk_lse[block, chunk] = torch.logaddexp(
                         completing[1][block], self._span_lse(bank, block, lo, hi, temperature, mask))
@@ -322,7 +322,7 @@ class BankLogsumexp:
     def auto_sizes(cls, capacity: int, dim: int) -> tuple[int, int]:
         """(chunk, granule): per row, capacity / chunk chunk values plus chunk / granule suffix values,
         ~CACHE_SHARE of the 2d floats of the row's own query and passage vectors (at least
-        MIN_FLOATS_PER_ROW), with the smallest granule that fits: chunk = sqrt(capacity x granule) puts
+        min(MIN_FLOATS_PER_ROW, d)), with the smallest granule that fits: chunk = sqrt(capacity x granule) puts
         half the budget in each. At N_mem 65,536 and d 768: chunks of 1,737 slots, granules of 46."""
         budget = max(int(2 * dim * cls.CACHE_SHARE), min(cls.MIN_FLOATS_PER_ROW, dim))  # tiny d: <= d floats
         granule = max(1, -(-4 * capacity // budget ** 2))
@@ -366,7 +366,3 @@ class BankLogsumexp:
             self.chunk_size, self.granule, self.sweep_chunk = state["chunk_size"], state["granule"], state["sweep_chunk"]
             for name in self._TENSORS:
                 setattr(self, name, state[name])
-
-
-def _num(rows) -> int:
-    return len(range(*rows.indices(rows.stop))) if isinstance(rows, slice) else len(rows)
