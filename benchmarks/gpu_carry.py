@@ -5,9 +5,13 @@
                        benchmarks/gpu_staleness.sh widens it back to fp32 there
   .gpu_carry/tasks/    the Debian and code-search tasks, built here (their text comes from this
                        machine's apt lists and Python stdlib, which differ on another image), as JSON
+  .gpu_carry/test_wheels/  faiss-cpu and evaluate, which the test suite needs besides datasets (18 MiB)
 
     python benchmarks/gpu_carry.py        # then: run(command="bash benchmarks/gpu_staleness.sh",
-                                           #           carry=[".gpu_carry"]); add /.gpu_carry/ to .git/info/exclude
+                                           #           carry=[".gpu_carry/wheels", ".gpu_carry/minilm", ".gpu_carry/tasks"])
+                                           # or run(command="bash benchmarks/gpu_tests.sh",
+                                           #        carry=[".gpu_carry/wheels", ".gpu_carry/test_wheels"])
+    (once: echo /.gpu_carry/ >> .git/info/exclude)
 """
 from __future__ import annotations
 
@@ -39,6 +43,18 @@ def load_task_file(path: str):
     return Dataset.from_dict(saved["train"]), saved["queries"], saved["corpus"], saved["qrels"]
 
 
+def download(folder: str, *requirements: str) -> None:
+    """Wheels for the device image (CPython 3.12, x86-64 Linux), once."""
+    os.makedirs(folder, exist_ok=True)
+    if glob.glob(os.path.join(folder, "*.whl")):
+        return
+    platforms = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                             "manylinux2014_x86_64") for a in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", folder, *requirements,
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "--only-binary=:all:"],
+                   check=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(HERE, "..", ".gpu_carry"))
@@ -59,14 +75,13 @@ def main():
     weights = load_file(os.path.join(source, "model.safetensors"))
     save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
               os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
-    wheels = os.path.join(args.out, "wheels")
-    os.makedirs(wheels, exist_ok=True)
-    if not glob.glob(os.path.join(wheels, "datasets-*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels, "datasets==5.2.0",
-                        "dill==0.4.1", "multiprocess==0.70.19", "--python-version", "3.12", "--only-binary=:all:"],
-                       check=True)
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
-    print(f"{args.out}: {size / 2**20:.1f} MiB (a device call carries at most 64 MiB with the repository)")
+    download(os.path.join(args.out, "wheels"), "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19")
+    download(os.path.join(args.out, "test_wheels"), "faiss-cpu==1.15.1", "evaluate==0.4.6")
+    for part in sorted(os.listdir(args.out)):
+        folder = os.path.join(args.out, part)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+        print(f"{folder}: {size / 2**20:.1f} MiB")
+    print("a device call carries at most 64 MiB with the repository: carry the folders the script names")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,7 @@
 #      pairs get near the full batch's 1 ms per pair? And compiled GradAccum, the compiled baseline
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/prof"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-if ! python3 -c "import datasets" 2>/dev/null; then  # the device image has no datasets: carry .gpu_carry
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        .gpu_carry/wheels/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. benchmarks/gpu_env.sh  # the device image has no datasets: carry .gpu_carry/wheels
 B=benchmarks/gpu_paper.py
 timeout 170 python3 $B --n_total 512 --methods gradaccum,contaccum-8192,contaccum-65536 --method_timeout 80 --out "$OUT/memory.json"
 timeout 110 python3 $B --n_total 512 --methods gradaccum,contaccum-8192 --method_timeout 55 \

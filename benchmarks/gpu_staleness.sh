@@ -11,14 +11,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 N_TOTAL=${N_TOTAL:-128}; STEPS=${STEPS:-150}; SEEDS=${SEEDS:-3}; TASKS=${TASKS:-"wordnet debian code"}
 LIMIT=${LIMIT:-540}; LR=${LR:-5e-5}
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
-CARRY=$PWD/.gpu_carry
-if ! python3 -c "import datasets" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        "$CARRY"/wheels/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export OMP_NUM_THREADS=1
+. benchmarks/gpu_env.sh
 if [ -d "$CARRY/minilm" ]; then  # fp16 on the way: widen to fp32 (transformers would keep fp16)
     python3 - "$CARRY/minilm" /tmp/minilm_fp32 <<'PY' || exit 1
 import shutil, sys
@@ -32,7 +26,6 @@ PY
     export CONTACCUM_BENCH_ENCODER=/tmp/minilm_fp32
 fi
 [ -d "$CARRY/tasks" ] && export CONTACCUM_BENCH_TASKS=$CARRY/tasks
-python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 date
 for task in $TASKS; do
     for seed in $(seq 0 $((SEEDS - 1))); do

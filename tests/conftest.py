@@ -8,6 +8,22 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (set before its first use)
+
+# Trainer tests run where users train: on the GPU when there is one, on the CPU otherwise
+# (CONTACCUM_TEST_DEVICE=cpu forces the CPU). Their references are built on the same device, in fp32
+# without TF32, so both sides of every comparison run the same kind of arithmetic. Tests that compare
+# with other processes (gloo) or compile with inductor stay on the CPU (use_cpu=True in their own args).
+DEVICE = torch.device(os.environ.get("CONTACCUM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+if DEVICE.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def on_device(batch: dict) -> dict:
+    """A collated batch moved to the device the Trainer trains on (what its _prepare_inputs does)."""
+    return {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def make_tokenizer(tmp_path):
@@ -84,7 +100,7 @@ def trainer_args(tmp_path, **overrides):
                 "gradient_accumulation_steps": 2, "max_steps": 3, "learning_rate": 1e-3,
                 "lr_scheduler_type": "constant", "weight_decay": 0.0, "max_grad_norm": 0.0,
                 "train_sampling_strategy": "sequential", "optim": "adamw_torch", "report_to": "none",
-                "save_strategy": "no", "logging_steps": 1, "use_cpu": True, "seed": 0, "disable_tqdm": True,
+                "save_strategy": "no", "logging_steps": 1, "use_cpu": DEVICE.type == "cpu", "seed": 0, "disable_tqdm": True,
                 "query_max_length": 16, "passage_max_length": 24,
                 "memory_bank_size": 0}  # tests name their bank; the library's default is "auto" (= N_total)
     defaults.update(overrides)

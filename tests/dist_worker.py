@@ -43,7 +43,7 @@ def main(out_dir, config):
     from hf_contaccum import BiEncoder, ContAccumTrainer
 
     # one output_dir shared by both ranks, as in real use; creating the arguments sets up the process group
-    args = trainer_args(Path(out_dir), **config["args"])
+    args = trainer_args(Path(out_dir), **{"use_cpu": True, **config["args"]})  # gloo: the CPU, unless the test says
     if config.get("engine"):
         force_engine_on_cpu(config["engine"])
     state = PartialState()

@@ -28,19 +28,19 @@ def naive_contaccum_loss(q, p, hn, bq, bp, bhn, temperature=1.0, keys=None, cos=
     cols = torch.cat(cols)
     n, m = q.shape[0], bq.shape[0]
     n_cur_cols = n * (1 + (hn.shape[1] if hn is not None else 0))
-    targets = torch.cat([torch.arange(n), n_cur_cols + torch.arange(m)])
+    targets = torch.cat([torch.arange(n), n_cur_cols + torch.arange(m)]).to(q.device)
     S = rows @ cols.T / temperature
     if keys:
         kc = torch.cat(kcols)
         same = kc[None] == kc[targets][:, None]
-        same[torch.arange(n + m), targets] = False
+        same[torch.arange(n + m, device=q.device), targets] = False
         S = S.masked_fill(same, float("-inf"))
     if bank_weight == 1.0:
         return F.cross_entropy(S, targets)
-    column_w = torch.cat([torch.ones(n_cur_cols), torch.full((cols.shape[0] - n_cur_cols,), bank_weight)])
+    column_w = torch.cat([torch.ones(n_cur_cols), torch.full((cols.shape[0] - n_cur_cols,), bank_weight)]).to(q.device)
     probs = torch.exp(S) * column_w  # weighted softmax, computed the long way
-    per_row = -torch.log(probs[torch.arange(n + m), targets] / probs.sum(1))
-    row_w = torch.cat([torch.ones(n), torch.full((m,), bank_weight)])
+    per_row = -torch.log(probs[torch.arange(n + m, device=q.device), targets] / probs.sum(1))
+    row_w = torch.cat([torch.ones(n), torch.full((m,), bank_weight)]).to(q.device)
     return (per_row * row_w).sum() / row_w.sum()
 
 

@@ -27,7 +27,8 @@ def main(out_dir, kill_at, resume):
     from hf_contaccum import ContAccumTrainer
 
     args = trainer_args(Path(out_dir), memory_bank_size=12, bank_hard_negatives=True, gradient_accumulation_steps=2,
-                        max_steps=6, save_strategy="steps", save_steps=2, train_sampling_strategy="random")
+                        max_steps=6, save_strategy="steps", save_steps=2, train_sampling_strategy="random",
+                        use_cpu=True)
     ds = Dataset.from_list(toy_rows(60, num_negatives=1))
     trainer = ContAccumTrainer(model=tiny_model(seed=1 if resume else 0), args=args, train_dataset=ds,
                                processing_class=make_tokenizer(Path(tempfile.mkdtemp())),

@@ -7,6 +7,7 @@ import torch
 from conftest import (
     make_decoder_tokenizer,
     make_tokenizer,
+    on_device,
     saved_base_model,
     tiny_bert_config,
     tiny_decoder_config,
@@ -218,7 +219,7 @@ def test_gradcache_with_lora_dropout_equals_the_full_batch(tmp_path, family):
     model = (BiEncoder.from_encoder(base_folder(tmp_path, family), peft_config=lora(family, dropout=0.3))
              if family == "bert" else decoder(tmp_path, peft_config=lora(family, dropout=0.3)))
     rows = toy_rows(6, num_negatives=2)
-    batch = ContrastiveCollator(model.tokenizer, 16, 24)(rows)
+    batch = on_device(ContrastiveCollator(model.tokenizer, 16, 24)(rows))
     args = trainer_args(tmp_path, per_device_train_batch_size=6, memory_bank_size=0, mask_false_negatives=False,
                         gradcache_chunk_size=2)
     from datasets import Dataset

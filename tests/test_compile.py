@@ -17,7 +17,7 @@ def _train(tmp_path, tokenizer, compiled, **overrides):
     from datasets import Dataset
 
     args = trainer_args(tmp_path, memory_bank_size=8, bank_hard_negatives=True, max_steps=3, torch_compile=compiled,
-                        **overrides)
+                        use_cpu=True, **overrides)
     trainer = ContAccumTrainer(model=tiny_model(), args=args,
                                train_dataset=Dataset.from_list(toy_rows(40, num_negatives=1)), processing_class=tokenizer)
     trainer.train()

@@ -40,7 +40,7 @@ def test_two_processes_equal_one_process_on_global_batch(tmp_path, tokenizer, gr
     assert result["checksums"][0] == result["checksums"][1]
     # one process, local batch 2 x 2: accelerate hands rank r the r-th of each pair of batches,
     # so the global micro-batch is the same rows in the same (rank) order
-    args = dict(config["args"], per_device_train_batch_size=4)
+    args = dict(config["args"], per_device_train_batch_size=4, use_cpu=True)  # the 2 processes ran on the CPU (gloo)
     single = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "single", **args),
                               train_dataset=Dataset.from_list(toy_rows(CONFIG["rows"], CONFIG["negatives"])),
                               processing_class=tokenizer)

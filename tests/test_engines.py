@@ -74,7 +74,7 @@ def init_model(tmp_path_factory):
 def _single_process(tmp_path, init, tokenizer, **overrides):
     from datasets import Dataset
 
-    args = {**ARGS, "per_device_train_batch_size": 4, "save_strategy": "no", **overrides}
+    args = {**ARGS, "per_device_train_batch_size": 4, "save_strategy": "no", "use_cpu": True, **overrides}
     trainer = ContAccumTrainer(model=BiEncoder.from_pretrained(str(init)), args=trainer_args(tmp_path, **args),
                                train_dataset=Dataset.from_list(toy_rows(ROWS, NEGATIVES)), processing_class=tokenizer)
     trainer.train()

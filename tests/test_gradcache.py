@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model, trainer_args
+from conftest import on_device, tiny_model, trainer_args
 from reference import chunked_reference_grads, naive_contaccum_loss
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
@@ -27,7 +27,7 @@ def test_gradcache_gradients_equal_full_batch(tmp_path, tokenizer, toy_dataset, 
     """With dropout on: chunk = 18 (6 queries, 18 passages) is one forward; smaller chunks (per column:
     chunks of queries, chunks of passages) replay the same dropout masks."""
     ds = toy_dataset(6, num_negatives=2)
-    batch = ContrastiveCollator(tokenizer, 16, 24)(list(ds))
+    batch = on_device(ContrastiveCollator(tokenizer, 16, 24)(list(ds)))
     model = tiny_model(dropout=0.2)
     args = trainer_args(tmp_path, per_device_train_batch_size=6, gradient_accumulation_steps=2, memory_bank_size=0,
                         mask_false_negatives=False, gradcache_chunk_size=chunk)

@@ -133,7 +133,7 @@ def test_training_with_a_bank_equals_contaccum_trainer(tmp_path, encoder_dir):
 
     reference = BiEncoder.from_encoder(path, shared=True, pooling="mean")
     args = trainer_args(tmp_path / "ours", memory_bank_size=10, bank_hard_negatives=True, bank_chunk_size=3,
-                        similarity="cos", temperature=0.05, query_max_length=64, passage_max_length=64)
+                        use_cpu=True, similarity="cos", temperature=0.05, query_max_length=64, passage_max_length=64)
     ours = ContAccumTrainer(model=reference, args=args, train_dataset=data, processing_class=reference.tokenizer)
     ours.train()
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, toy_rows, trainer_args
+from conftest import DEVICE, on_device, tiny_model, toy_rows, trainer_args
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 
@@ -13,18 +13,18 @@ from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 def _manual_gradient_accumulation(model, tokenizer, rows, n_local, k, steps, lr):
     """Plain gradient accumulation with in-batch negatives, written without the library's loss."""
     collate = ContrastiveCollator(tokenizer, 16, 24)
+    model.to(DEVICE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
     batches = [rows[i:i + n_local] for i in range(0, len(rows), n_local)]
     for step in range(steps):
         for micro in batches[step * k:(step + 1) * k]:
-            b = collate(micro)
+            b = on_device(collate(micro))
             out = model(query_input_ids=b["query_input_ids"], query_attention_mask=b["query_attention_mask"],
                         query_token_type_ids=b["query_token_type_ids"], passage_input_ids=b["passage_input_ids"],
                         passage_attention_mask=b["passage_attention_mask"],
                         passage_token_type_ids=b["passage_token_type_ids"])
             scores = out.query_embeddings @ out.passage_embeddings.T
-            loss = F.cross_entropy(scores, torch.arange(len(micro))) / k
+            loss = F.cross_entropy(scores, torch.arange(len(micro), device=DEVICE)) / k
             loss.backward()
         opt.step()
         opt.zero_grad()
@@ -48,14 +48,14 @@ def test_no_bank_equals_plain_gradient_accumulation(tmp_path, tokenizer, toy_dat
 def _manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, num_negatives):
     """ContAccum written literally: full score matrix over [current; bank] rows and columns each micro-batch."""
     collate = ContrastiveCollator(tokenizer, 16, 24)
+    model.to(DEVICE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
     bank_q, bank_p = [], []  # python lists of detached vectors, oldest first
     batches = [rows[i:i + n_local] for i in range(0, len(rows), n_local)]
     losses = []
     for step in range(steps):
         for micro in batches[step * k:(step + 1) * k]:
-            b = collate(micro)
+            b = on_device(collate(micro))
             out = model(**{key: b[key] for key in b if key.endswith(("input_ids", "attention_mask", "token_type_ids"))})
             n = len(micro)
             q, passages = out.query_embeddings, out.passage_embeddings
@@ -64,7 +64,7 @@ def _manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, 
             mp = torch.stack(bank_p) if bank_p else q.new_zeros(0, q.shape[1])
             rows_ = torch.cat([q, mq])
             cols = torch.cat([p, hn, mp])
-            targets = torch.cat([torch.arange(n), len(p) + len(hn) + torch.arange(len(mq))])
+            targets = torch.cat([torch.arange(n), len(p) + len(hn) + torch.arange(len(mq))]).to(DEVICE)
             loss = F.cross_entropy(rows_ @ cols.T, targets)
             losses.append(loss.item())
             (loss / k).backward()
@@ -190,7 +190,7 @@ def test_a_nan_micro_batch_stops_its_step_before_the_optimizer_applies_it(tmp_pa
         trainer.train()
     assert trainer.contrastive_loss.defer_finite_check and not args.logging_nan_inf_filter
     assert trainer.calls == 3 and trainer.state.global_step == 0  # the whole step ran, and was not applied
-    assert all(torch.equal(value, model.state_dict()[name]) for name, value in before.items())
+    assert all(torch.equal(value, model.state_dict()[name].cpu()) for name, value in before.items())
 
 
 def test_reset_bank_each_step(tmp_path, tokenizer, toy_dataset):
