@@ -318,8 +318,20 @@ class BiEncoder(PreTrainedModel):
         return self.pool(tower(**kwargs).last_hidden_state, attention_mask)
 
     def forward(self, query_input_ids=None, query_attention_mask=None, passage_input_ids=None,
-                passage_attention_mask=None, query_token_type_ids=None, passage_token_type_ids=None):
-        """One call for both towers, so DDP sees every parameter used in one forward."""
+                passage_attention_mask=None, query_token_type_ids=None, passage_token_type_ids=None,
+                one_tower_call=False):
+        """One call for both towers, so DDP sees every parameter used in one forward.
+
+        one_tower_call (shared tower, both sides given): queries and passages go through the tower as ONE batch,
+        the shorter side padded at the end to the longer length: half the kernel launches, more padded tokens."""
+        if one_tower_call and query_input_ids is not None and passage_input_ids is not None:
+            if not self.config.shared:
+                raise ValueError("one_tower_call needs one shared tower (shared=True); separate towers are two calls")
+            n = query_input_ids.shape[0]
+            both = _stack_padded([query_input_ids, passage_input_ids], [query_attention_mask, passage_attention_mask],
+                                 [query_token_type_ids, passage_token_type_ids])
+            embeddings = self._embed(self.query_encoder, *both)
+            return BiEncoderOutput(query_embeddings=embeddings[:n], passage_embeddings=embeddings[n:])
         q = p = None
         if query_input_ids is not None:
             q = self._embed(self.query_encoder, query_input_ids, query_attention_mask, query_token_type_ids)
@@ -352,6 +364,20 @@ class BiEncoder(PreTrainedModel):
 
     def encode_passages(self, texts, batch_size=64, max_length=256, tokenizer=None, show_progress=False):
         return self._encode_texts(texts, "passage", batch_size, max_length, tokenizer, show_progress)
+
+
+def _stack_padded(input_ids, attention_masks, token_type_ids):
+    """Batches of different lengths as one: each widened to the longest with masked positions appended at
+    the end, so every text keeps its own token positions (right or left padded) and its pooled vector."""
+    length = max(ids.shape[1] for ids in input_ids)
+
+    def widen(tensors):
+        return torch.cat([F.pad(t, (0, length - t.shape[1])) for t in tensors])
+
+    types = None
+    if any(t is not None for t in token_type_ids):
+        types = widen([t if t is not None else torch.zeros_like(ids) for t, ids in zip(token_type_ids, input_ids)])
+    return widen(input_ids), widen(attention_masks), types
 
 
 AutoConfig.register(BiEncoderConfig.model_type, BiEncoderConfig)

@@ -161,6 +161,9 @@ class ContAccumTrainer(Trainer):
             bank_weight=args.bank_weight, bank_warmup_steps=args.bank_warmup_steps)
         self.gradcache = GradCache(args.gradcache_chunk_size, paired=True) if args.gradcache_chunk_size else None
         config = getattr(self.model, "config", None)
+        if args.one_tower_call and getattr(config, "shared", None) is not True:
+            raise ValueError("one_tower_call=True needs a BiEncoder with one shared tower (shared=True): separate "
+                             "query and passage towers are two calls anyway. Set one_tower_call=False.")
         if config is not None and hasattr(config, "similarity"):
             config.similarity = args.similarity  # the saved model then says how it is scored
         self.add_callback(_LossStepHooks(self.contrastive_loss, args.collapse_patience))
@@ -179,7 +182,10 @@ class ContAccumTrainer(Trainer):
     def embed(self, model, features: dict) -> dict:
         """{side: tokenised texts} -> {side: embeddings} in one forward call ("query", "passage").
         The hook to override to post-process embeddings (see examples/subclass_truncated_embeddings.py)."""
-        out = model(**{f"{side}_{key}": value for side, feats in features.items() for key, value in feats.items()})
+        inputs = {f"{side}_{key}": value for side, feats in features.items() for key, value in feats.items()}
+        if self.args.one_tower_call and len(features) == 2:
+            inputs["one_tower_call"] = True
+        out = model(**inputs)
         return {side: out[f"{side}_embeddings"] for side in features}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -60,6 +60,11 @@ class ContAccumTrainingArguments(TrainingArguments):
         "Pad every batch's token length up to a multiple of this (e.g. 16 or 64). With torch_compile=True it bounds "
         "the number of distinct shapes, so compiled graphs are reused instead of recompiled; the price is the "
         "compute on the extra padding. Default: pad to the longest text of the batch.")})
+    one_tower_call: bool = field(default=False, metadata={"help": (
+        "Shared tower only: encode a micro-batch's queries and passages in ONE forward call (the shorter side "
+        "padded at the end to the longer length) instead of two: half the kernel launches per micro-step for "
+        "more padded tokens of compute. Worth it where a micro-step is launch-bound (small N_local on a fast "
+        "GPU), not where it is compute-bound (CPU, long passages at large N_local). Embeddings are unchanged.")})
     query_max_length: int = field(default=64, metadata={"help": "Max tokens of a query (longer is truncated)."})
     passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
     max_hard_negatives: int | None = field(default=None, metadata={"help": (

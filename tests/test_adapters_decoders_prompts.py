@@ -243,3 +243,18 @@ def _dataset(n, negatives=0):
     from datasets import Dataset
 
     return Dataset.from_list(toy_rows(n, num_negatives=negatives))
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_one_tower_call_keeps_decoder_embeddings(tmp_path, padding_side):
+    """Appended masked positions come after every real token: a causal decoder's texts keep their positions
+    and last tokens, right or left padded."""
+    model = decoder(tmp_path).eval()
+    model.tokenizer.padding_side = padding_side
+    batch = ContrastiveCollator(model.tokenizer, 16, 24)(toy_rows(4, num_negatives=1))
+    features = {key: batch[key] for key in batch if key.endswith(("input_ids", "attention_mask"))}
+    assert features["query_input_ids"].shape[1] < features["passage_input_ids"].shape[1]
+    with torch.no_grad():
+        two, one = model(**features), model(**features, one_tower_call=True)
+    assert torch.allclose(one.query_embeddings, two.query_embeddings, atol=1e-5)
+    assert torch.allclose(one.passage_embeddings, two.passage_embeddings, atol=1e-5)

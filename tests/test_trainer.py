@@ -418,3 +418,56 @@ def test_bank_warm_up_and_weight_in_the_trainer(tmp_path, tokenizer, toy_dataset
     assert "| bank weight (staleness) | 0.5 |" in card and "| bank warm-up (steps without reading the bank) | 2 |" in card
     with pytest.raises(ValueError, match="bank_weight must be in"):
         trainer_args(tmp_path, bank_weight=0.0)
+
+
+@pytest.mark.parametrize("gradcache_chunk_size", [None, 2])
+def test_one_tower_call_trains_like_two(tmp_path, tokenizer, toy_dataset, gradcache_chunk_size):
+    """Queries and passages through the shared tower as one padded batch: same losses, parameters and bank."""
+    results = []
+    for one_call in (False, True):
+        model = tiny_model()
+        calls = []
+        model.query_encoder.register_forward_hook(
+            lambda module, args, kwargs, out, calls=calls: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+        args = trainer_args(tmp_path / str(one_call), memory_bank_size=8, bank_hard_negatives=True, max_steps=3,
+                            one_tower_call=one_call, gradcache_chunk_size=gradcache_chunk_size)
+        trainer = ContAccumTrainer(model=model, args=args, train_dataset=toy_dataset(24, num_negatives=1),
+                                   processing_class=tokenizer)
+        trainer.train()
+        results.append((trainer, calls))
+    (two, two_calls), (one, one_calls) = results
+    if gradcache_chunk_size is None:  # 6 micro-steps: 12 calls of 4 queries or 8 passages, then 6 calls of 12
+        assert sorted({s[0] for s in two_calls}) == [4, 8] and len(two_calls) == 12
+        assert {s[0] for s in one_calls} == {12} and len(one_calls) == 6
+    else:
+        assert len(one_calls) < len(two_calls)  # the chunk pairs a query and a passage chunk share a call
+    assert [h["loss"] for h in one.state.log_history if "loss" in h] == pytest.approx(
+        [h["loss"] for h in two.state.log_history if "loss" in h], rel=1e-5)
+    for (name, a), (_, b) in zip(two.model.named_parameters(), one.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert torch.allclose(two.memory_bank.passages, one.memory_bank.passages, atol=1e-6)
+
+
+def test_one_tower_call_keeps_every_texts_embedding(tokenizer):
+    """Masked positions appended at the end change no embedding, whatever the pooling (and for decoders, see
+    test_adapters_decoders_prompts)."""
+    from hf_contaccum.model import _stack_padded
+
+    for pooling in ("mean", "cls", "last"):
+        model = tiny_model(pooling=pooling).eval()
+        batch = ContrastiveCollator(tokenizer, 16, 24)(toy_rows(5, num_negatives=1))
+        features = {key: batch[key] for key in batch if key.endswith(("input_ids", "attention_mask", "token_type_ids"))}
+        assert features["query_input_ids"].shape[1] != features["passage_input_ids"].shape[1]
+        with torch.no_grad():
+            two, one = model(**features), model(**features, one_tower_call=True)
+        assert torch.allclose(one.query_embeddings, two.query_embeddings, atol=1e-6), pooling
+        assert torch.allclose(one.passage_embeddings, two.passage_embeddings, atol=1e-6), pooling
+    ids, mask, types = _stack_padded([torch.ones(2, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)],
+                                     [torch.ones(2, 3), torch.ones(1, 5)], [None, None])
+    assert ids.shape == (3, 5) and types is None and mask[:2, 3:].sum() == 0 and mask[2].sum() == 5
+
+
+def test_one_tower_call_needs_a_shared_tower(tmp_path, tokenizer, toy_dataset):
+    with pytest.raises(ValueError, match="one_tower_call=True needs a BiEncoder with one shared tower"):
+        ContAccumTrainer(model=tiny_model(shared=False), args=trainer_args(tmp_path, one_tower_call=True),
+                         train_dataset=toy_dataset(8), processing_class=tokenizer)
