@@ -10,7 +10,8 @@ from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 
 MODES = {"bank and banked hard negatives": {},
          "hybrid (GradCache chunks + bank)": {"gradcache_chunk_size": 2},
-         "padded to a multiple of 16": {"pad_to_multiple_of": 16}}
+         "padded to a multiple of 16": {"pad_to_multiple_of": 16},
+         "one tower call": {"one_tower_call": True}}
 
 
 def _train(tmp_path, tokenizer, compiled, **overrides):
