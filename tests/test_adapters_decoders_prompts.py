@@ -170,6 +170,7 @@ def test_only_adapters_train_and_every_loader_gives_the_same_embeddings(tmp_path
     assert len(trainable) == 4 * (1 if shared else 2)  # A and B of query and value, per tower
     trainer = _train(model, tmp_path, _dataset(16), max_steps=2, learning_rate=1e-2)
     assert trainer.state.global_step == 2
+    model.cpu()  # trained where the tests train (conftest.DEVICE); compared below with models loaded on the CPU
     q, p = model.encode_queries(QUERIES), model.encode_passages(PASSAGES)
     model.save_pretrained(tmp_path / "saved")
     # hf_contaccum: the BiEncoder checkpoint holds base weights and adapters
