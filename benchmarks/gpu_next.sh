@@ -1,7 +1,7 @@
 #!/bin/bash
 # The next GPU session's checks for the throughput issue, sized to ~11 minutes on one H100/H200
 # (a session has 15 minutes of device time, machine start included). Writes JSON and profiles
-# under $OUT (default ./gpu_out). Run python benchmarks/gpu_carry.py here first and carry .gpu_carry (datasets).
+# under $OUT (default ./gpu_out). Run python benchmarks/gpu_carry.py here first and carry .gpu_carry/wheels (datasets).
 #   1. memory and speed of the current bank code (cache ~5 % of the vectors, no N_mem x d temporary,
 #      enqueue after the backward, finiteness once per step): target ContAccum - GradAccum <= vectors + 10 %
 #   2. non_blocking host-to-device copies (pinned memory): does the micro-step's host time drop? And

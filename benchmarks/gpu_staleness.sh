@@ -5,7 +5,8 @@
 # plain / weighted / warmed up). One process per (task, seed), all at once; each saves after every run, so a
 # cut-off call still returns what finished. Here, first: python benchmarks/gpu_carry.py (builds .gpu_carry/:
 # wheels, MiniLM in fp16, the two built tasks); then run(command="bash benchmarks/gpu_staleness.sh",
-# carry=[".gpu_carry"], timeout_s=600). Settings can be overridden for a CPU smoke run:
+# carry=[".gpu_carry/wheels", ".gpu_carry/minilm", ".gpu_carry/tasks"], timeout_s=600) (49 MiB: the test wheels
+# would take the call over its 64 MiB). Settings can be overridden for a CPU smoke run:
 #   N_TOTAL=16 STEPS=2 SEEDS=2 TASKS=code METHODS=gradaccum,contaccum-16 OUT=/tmp/s bash benchmarks/gpu_staleness.sh
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
