@@ -52,11 +52,12 @@ class MemoryBank:
             self.hard_negative_keys = torch.zeros(c, h, dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def enqueue(self, queries, passages, passage_keys, hard_negatives=None, hard_negative_keys=None) -> torch.Tensor:
-        """Write a batch (oldest first), overwriting the oldest entries. Returns the slots written."""
+    def enqueue(self, queries, passages, passage_keys, hard_negatives=None, hard_negative_keys=None) -> tuple[int, int]:
+        """Write a batch (oldest first), overwriting the oldest entries. Returns (first slot, count): the slots
+        written are first, first + 1, ... modulo the capacity."""
         n = queries.shape[0]
         if self.capacity == 0 or n == 0:
-            return torch.empty(0, dtype=torch.long)
+            return self.ptr, 0
         if passages.shape[0] != n or passage_keys.shape[0] != n:
             raise ValueError("queries, passages and passage_keys must have the same number of rows")
         batch_h = 0 if hard_negatives is None else hard_negatives.shape[1]
@@ -75,8 +76,9 @@ class MemoryBank:
                 hard_negatives, hard_negative_keys = hard_negatives[newest], hard_negative_keys[newest]
             self.num_enqueued += n - self.capacity
             n = self.capacity
-        slots = (torch.arange(n) + self.ptr) % self.capacity
-        dev_slots = slots.to(self.queries.device)
+        first = self.ptr
+        # made on the device: a host-made index would be copied there, a host sync on a GPU
+        dev_slots = (torch.arange(n, device=self.queries.device) + first) % self.capacity
         self.queries.index_copy_(0, dev_slots, queries.detach().to(self.queries.dtype))
         self.passages.index_copy_(0, dev_slots, passages.detach().to(self.passages.dtype))
         self.passage_keys.index_copy_(0, dev_slots, passage_keys.to(self.passage_keys.device))
@@ -87,12 +89,12 @@ class MemoryBank:
         self.ptr = (self.ptr + n) % self.capacity
         self.fill = min(self.fill + n, self.capacity)
         self.num_enqueued += n
-        return slots
+        return first, n
 
     def newest(self, count: int) -> torch.Tensor:
         """Slots of the `count` most recent valid entries, oldest first."""
         count = min(count, self.fill)
-        return (torch.arange(self.ptr - count, self.ptr) % max(self.capacity, 1)).to(self._device())
+        return torch.arange(self.ptr - count, self.ptr, device=self._device()) % max(self.capacity, 1)
 
     def _device(self):
         return self.queries.device if self.queries is not None else torch.device("cpu")
@@ -268,8 +270,9 @@ class BankLogsumexp:
         self._set_sweep_rows(bank, slice(0, bank.fill), begin, temperature, mask)
 
     @torch.no_grad()
-    def update(self, bank: MemoryBank, written: torch.Tensor, temperature: float, mask: bool) -> None:
-        """Call after `bank.enqueue` with the slots it wrote (and before_write before it)."""
+    def update(self, bank: MemoryBank, written: tuple[int, int], temperature: float, mask: bool) -> None:
+        """Call after `bank.enqueue` with what it returned, (first slot, count) (and before_write before it).
+        The slot arithmetic is on host integers and every index is made on the device: no host sync."""
         device = bank.queries.device
         if self.stale:  # first use, reset or resume: rebuild from the bank itself
             capacity, dim = bank.capacity, bank.queries.shape[1]
@@ -286,17 +289,24 @@ class BankLogsumexp:
             self._refresh_rows(bank, slice(0, bank.fill), temperature, mask)
             self.stale = False
             return
-        if len(written) == 0:
+        start, count = written
+        if count == 0:
             return
-        written = written.cpu()  # slot arithmetic on the host: no device sync
         completing, self._completing = self._completing, (None, None)
         valid = slice(0, bank.fill)
         width = 1 + bank.num_hard_negatives
-        for chunk in torch.unique(written // self.chunk_size).tolist():
-            first, last = self._chunk_span(chunk, bank.capacity)
-            in_chunk = written[(written >= first) & (written < last)]
-            lo, hi = int(in_chunk.min()), int(in_chunk.max()) + 1
-            contiguous = hi - lo == len(in_chunk)
+        capacity = bank.capacity
+        ranges = [(start, min(start + count, capacity))] + ([(0, start + count - capacity)]
+                                                           if start + count > capacity else [])  # wrapped around
+        pieces = {}  # chunk -> the [lo, hi) ranges written in it
+        for a, b in ranges:
+            for chunk in range(a // self.chunk_size, (b - 1) // self.chunk_size + 1):
+                first, last = self._chunk_span(chunk, capacity)
+                pieces.setdefault(chunk, []).append((max(a, first), min(b, last)))
+        for chunk in sorted(pieces):
+            first, last = self._chunk_span(chunk, capacity)
+            lo, hi = min(a for a, _ in pieces[chunk]), max(b for _, b in pieces[chunk])
+            contiguous = hi - lo == sum(b - a for a, b in pieces[chunk])
             # the sweep grows only by one range that ends at the pointer; anything else (a chunk written to its
             # end and left, or a write that wrapped around into it) is recomputed whole, which is always exact
             if chunk == self.sweep_chunk and contiguous and hi % bank.capacity == bank.ptr:
@@ -316,7 +326,9 @@ class BankLogsumexp:
                     self.chunk_lse[block, chunk] = self._span_lse(bank, block, first, last, temperature, mask)
         if bank.ptr % self.chunk_size == 0:
             self.sweep_chunk = None  # the pointer is on a chunk boundary: the next write begins a new sweep
-        self._refresh_rows(bank, written.to(device), temperature, mask)  # last: the written rows, all fresh
+        rows = (slice(*ranges[0]) if len(ranges) == 1
+                else (torch.arange(count, device=device) + start) % capacity)
+        self._refresh_rows(bank, rows, temperature, mask)  # last: the written rows, all fresh
 
     @classmethod
     def auto_sizes(cls, capacity: int, dim: int) -> tuple[int, int]:

@@ -196,7 +196,7 @@ class ContAccumLoss(nn.Module):
             all_keys = torch.cat([cur_keys, bkeys.flatten()])
         if self.mask_false_negatives:
             same = all_keys[None] == passage_keys[targets][:, None]
-            same[torch.arange(n), targets] = False
+            same[torch.arange(n, device=q.device), targets] = False
             logits = logits.masked_fill(same, NEG_INF)
         total = F.cross_entropy(logits, targets, reduction="sum")
         num_rows = counted = n * world_size  # every rank's current rows count in the global mean
@@ -213,8 +213,7 @@ class ContAccumLoss(nn.Module):
             num_rows += weight * (total_bank_rows - num_bank_rows)  # other ranks' share of the banked rows
             if num_bank_rows:
                 if self.bank_lse.stale:
-                    self.bank_lse.update(bank, torch.empty(0, dtype=torch.long), self.temperature,
-                                         self.mask_false_negatives)
+                    self.bank_lse.update(bank, (bank.ptr, 0), self.temperature, self.mask_false_negatives)
                 # (N_mem, columns) logits: scaled on the small side and masked in place (the product's backward
                 # does not read it), so the only N_mem-row temporaries are this one and logsumexp's
                 cur_logits = bank.queries[rows] @ (cur_cols.T / self.temperature)

@@ -141,7 +141,7 @@ def test_log_sum_exp_cache_never_exceeds_the_bank_vectors(capacity, dim):
     loss_fn = ContAccumLoss(capacity)
     vectors = torch.nn.functional.normalize(torch.randn(capacity, dim), dim=-1)
     loss_fn.enqueue(vectors, vectors, torch.arange(capacity))
-    loss_fn.bank_lse.update(loss_fn.bank, torch.empty(0, dtype=torch.long), 1.0, True)
+    loss_fn.bank_lse.update(loss_fn.bank, (loss_fn.bank.ptr, 0), 1.0, True)
     vector_bytes = 2 * capacity * dim * 4
     assert 0 < loss_fn.bank_lse.nbytes() <= vector_bytes
     if dim >= 96:  # ~d/10 floats per row: within 10 % of the vectors (small d: min(16, d) + 2 floats per row)
@@ -244,7 +244,7 @@ def test_the_cache_equals_a_brute_force_log_sum_exp_after_every_enqueue(capacity
                         torch.randn(n, h, d) if h else None, torch.randint(0, 3 * capacity, (n, h)) if h else None)
         if step == 2:
             loss_fn.bank_lse.stale = True
-            loss_fn.bank_lse.update(loss_fn.bank, torch.empty(0, dtype=torch.long), 0.5, True)
+            loss_fn.bank_lse.update(loss_fn.bank, (loss_fn.bank.ptr, 0), 0.5, True)
         got = loss_fn.bank_lse.row_lse(slice(0, loss_fn.bank.fill))
         torch.testing.assert_close(got, _brute_force_row_lse(loss_fn), atol=1e-4, rtol=1e-5)
 

@@ -180,3 +180,56 @@ def test_a_non_finite_loss_raises_at_once_or_at_check_finite_when_deferred():
     with pytest.raises(FloatingPointError, match="non-finite"):
         loss_fn.check_finite()
     loss_fn.check_finite()  # the flag was consumed: the next step starts clean
+
+
+# ops that read a device value on the host, i.e. wait for the GPU (on a CPU they are recorded, not waited for)
+SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "unique", "_unique2", "unique_dim",
+               "unique_consecutive", "masked_select", "equal"}
+
+
+class _RecordSyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in SYNCING_OPS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("similarity, bank_hn, query_bank", [("cos", True, None), ("dot", False, 12)])
+def test_a_training_micro_step_makes_no_host_sync(similarity, bank_hn, query_bank):
+    """Forward, backward and the enqueue with its cache refresh, with finiteness checked once per step as
+    both trainers do: nothing reads a device value on the host, through bank wrap-arounds, chunk sweeps and
+    (with a smaller query bank) the newest-rows path. On a GPU set_sync_debug_mode also fails on host-made
+    tensors copied to the device (a slot index made on the host had cost a sync per enqueue)."""
+    from conftest import DEVICE
+
+    torch.manual_seed(0)
+    n, d, h = 4, 8, 2
+    loss_fn = ContAccumLoss(20, 0.1, similarity, query_bank_size=query_bank, bank_hard_negatives=bank_hn,
+                            bank_chunk_size=6)
+    loss_fn.defer_finite_check_to_step()
+
+    def micro_step(i):
+        leaves = [torch.randn(*shape, device=DEVICE, requires_grad=True) for shape in ((n, d), (n, d), (n, h, d))]
+        keys = torch.arange(n, device=DEVICE) + n * i
+        negative_keys = torch.arange(n * h, device=DEVICE).view(n, h) + 1000 + n * h * i
+        loss_fn(*leaves[:2], keys, leaves[2], negative_keys).backward()
+
+    for i in range(6):  # the bank fills and the cache is built: allocations and the first rebuild may sync
+        micro_step(i)
+    recorder = _RecordSyncingOps()
+    if DEVICE.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with recorder:
+            for i in range(6, 20):  # 14 micro-steps of 4 into a bank of 20 in chunks of 6: every write pattern
+                micro_step(i)
+    finally:
+        if DEVICE.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert recorder.seen == [], sorted(set(recorder.seen))
+    loss_fn.check_finite()  # the one read per optimizer step
+    assert loss_fn.bank.num_enqueued == 80
