@@ -107,7 +107,9 @@ class GradCache:
         with torch.no_grad():
             for call in calls:
                 contexts.append(_ForwardContext())
-                leaves.append({c: e.detach().requires_grad_() for c, e in embed(model, call).items()})
+                # a copy, not a view: under CUDA graphs (torch_compile_mode="reduce-overhead") the next call's
+                # replay reuses this call's output memory
+                leaves.append({c: e.detach().clone().requires_grad_() for c, e in embed(model, call).items()})
         # (2) the loss on the cached embeddings, back-propagated to the embeddings only
         with torch.enable_grad():
             loss = loss_fn(_concat(leaves, names))
