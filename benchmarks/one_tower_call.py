@@ -7,6 +7,7 @@ wins where a micro-step is launch-bound and loses where it is compute-bound; thi
 
     python benchmarks/one_tower_call.py --encoder tiny      # a 2-layer d-64 BERT: host/launch-bound
     python benchmarks/one_tower_call.py --encoder minilm    # all-MiniLM-L6-v2: compute-bound on a CPU
+    python benchmarks/one_tower_call.py --encoder minilm --task code   # short queries, long passages (code)
 """
 from __future__ import annotations
 
@@ -40,20 +41,26 @@ def build_model(encoder: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", choices=["tiny", "minilm"], default="tiny")
+    parser.add_argument("--task", choices=["wordnet", "code"], default="wordnet",
+                        help="wordnet: definitions (<= 32 tokens here) for lemmas; code: docstring sentences for "
+                             "functions (<= 128 tokens), the padded queries' worst case")
     parser.add_argument("--n_local", type=int, default=8)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--memory_bank_size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (after one warm-up round)")
     parser.add_argument("--query_max_length", type=int, default=32)
-    parser.add_argument("--passage_max_length", type=int, default=64)
-    parser.add_argument("--output", default=None, help="default benchmarks/results/one_tower_call_<encoder>.json")
+    parser.add_argument("--passage_max_length", type=int, default=None, help="default 64 (wordnet), 128 (code)")
+    parser.add_argument("--output", default=None,
+                        help="default benchmarks/results/one_tower_call_<encoder>[_<task>].json")
     args = parser.parse_args()
 
-    from hf_contaccum import ContAccumTrainer, ContAccumTrainingArguments
-    from hf_contaccum.sample_data import load_wordnet_sample
+    from quality import load_task
 
+    from hf_contaccum import ContAccumTrainer, ContAccumTrainingArguments
+
+    args.passage_max_length = args.passage_max_length or (128 if args.task == "code" else 64)
     model = build_model(args.encoder).to(device()).train()
-    train, *_ = load_wordnet_sample()
+    train, *_ = load_task(args.task, 10, 100)
     trainers = {}
     for one_call in (False, True):
         targs = ContAccumTrainingArguments(
@@ -90,7 +97,7 @@ def main():
             print(f"round {r}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in trainers))
     med = {n: statistics.median(v) for n, v in times.items()}
     result = {
-        "encoder": args.encoder, "n_local": args.n_local, "k": args.k, "memory_bank_size": args.memory_bank_size,
+        "encoder": args.encoder, "task": args.task, "n_local": args.n_local, "k": args.k, "memory_bank_size": args.memory_bank_size,
         "query_max_length": args.query_max_length, "passage_max_length": args.passage_max_length,
         "device": torch.cuda.get_device_name() if device() == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "seconds_per_step": times, "median_seconds_per_step": med,
@@ -101,7 +108,7 @@ def main():
     print(json.dumps({k: result[k] for k in ("median_seconds_per_step", "median_paired_ratio_one_over_two",
                                              "tokens_per_step_ratio_one_over_two")}, indent=1))
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                         f"one_tower_call_{args.encoder}.json")
+                                         f"one_tower_call_{args.encoder}{'' if args.task == 'wordnet' else '_' + args.task}.json")
     with open(output, "w") as f:
         json.dump(result, f, indent=1)
 

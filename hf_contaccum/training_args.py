@@ -63,9 +63,9 @@ class ContAccumTrainingArguments(TrainingArguments):
     one_tower_call: bool = field(default=False, metadata={"help": (
         "Shared tower only: encode a micro-batch's queries and passages in ONE forward call (the shorter side "
         "padded at the end to the longer length) instead of two: half the kernel launches per micro-step for "
-        "more padded tokens of compute. Embeddings are unchanged. For launch-bound micro-steps (small N_local on "
-        "a fast GPU); on a CPU a step took 0.59x (tiny BERT) to 1.00x (MiniLM) the time of two calls. Off by "
-        "default until measured on a GPU, and where queries are far shorter than passages the padding costs.")})
+        "more padded tokens of compute. Embeddings are unchanged. For launch-bound micro-steps whose queries "
+        "and passages are of similar length; on a CPU a step took 0.59x (tiny BERT, similar lengths) to 1.67x "
+        "(MiniLM, short queries and long passages) the time of two calls. Off by default: unmeasured on a GPU.")})
     query_max_length: int = field(default=64, metadata={"help": "Max tokens of a query (longer is truncated)."})
     passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
     max_hard_negatives: int | None = field(default=None, metadata={"help": (
