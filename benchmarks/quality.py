@@ -81,6 +81,8 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
     from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments
 
     per_device, k, qbank, pbank, chunk, _, *more = layout  # optional 7th: further training arguments
+    more = dict(more[0]) if more else {}
+    trainer_class = more.pop("trainer_class", ContAccumTrainer)  # a benchmark's own subclass (an oracle)
     torch.manual_seed(seed)
     model = BiEncoder.from_encoder(encoder_path(), normalize=True)
     args = ContAccumTrainingArguments(
@@ -89,12 +91,12 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
         memory_bank_size=pbank, query_memory_bank_size=qbank, passage_memory_bank_size=pbank,
         gradcache_chunk_size=chunk, temperature=0.05, query_max_length=max_lengths[0], passage_max_length=max_lengths[1],
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=device() == "cpu", disable_tqdm=True,
-        **(more[0] if more else {}))
+        **more)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the pre-batch ablation warns about gradient-norm imbalance, by design
-        trainer = ContAccumTrainer(model=model, args=args, train_dataset=train, processing_class=model.tokenizer)
+        trainer = trainer_class(model=model, args=args, train_dataset=train, processing_class=model.tokenizer)
     trainer.train()
     metrics = evaluator(model)
     ratios = [h["grad_norm_ratio"] for h in trainer.state.log_history if "grad_norm_ratio" in h]

@@ -21,6 +21,8 @@ import json
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import (
     MAX_LENGTHS,
@@ -31,6 +33,50 @@ from quality import (
     save,
     train_and_evaluate,
 )
+
+
+def fresh_bank_trainer():
+    """An oracle, not a method: before every optimizer step the whole bank is re-encoded by the current encoder
+    (no gradient, train mode as the current rows), so no banked vector is older than the step in progress: what
+    a bank of this size would give without staleness, for N_mem x 2 more forward passes a step. If it does not
+    beat N_mem = N_total either, staleness is not what costs the larger bank its quality."""
+    from hf_contaccum import ContAccumTrainer
+    from hf_contaccum.data import side_features
+
+    class Trainer(ContAccumTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.slot_tokens = {}  # bank slot -> {"query": token ids, "passage": token ids} of the pair in it
+            self.refreshed_at = -1
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training and torch.is_grad_enabled():
+                if self.state.global_step != self.refreshed_at:  # the step's first micro-batch
+                    self.refreshed_at = self.state.global_step
+                    self._refresh()
+                bank = self.memory_bank
+                sides = {side: side_features(inputs, side) for side in ("query", "passage")}
+                for i in range(inputs["query_input_ids"].shape[0]):  # this micro-batch's backward writes here
+                    self.slot_tokens[(bank.ptr + i) % bank.capacity] = {
+                        side: f["input_ids"][i][f["attention_mask"][i].bool()].tolist() for side, f in sides.items()}
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+        @torch.no_grad()
+        def _refresh(self):
+            bank, loss = self.memory_bank, self.contrastive_loss
+            slots = sorted(s for s in self.slot_tokens if s < bank.fill)
+            for start in range(0, len(slots), 64):
+                batch = slots[start:start + 64]
+                features = {side: self.processing_class.pad([{"input_ids": self.slot_tokens[s][side]} for s in batch],
+                                                             return_tensors="pt") for side in ("query", "passage")}
+                out = self.model(**{f"{side}_{k}": v.to(bank.queries.device) for side, f in features.items()
+                                    for k, v in f.items()})
+                index = torch.tensor(batch, device=bank.queries.device)
+                bank.queries[index] = loss._prepare(out.query_embeddings).to(bank.queries.dtype)
+                bank.passages[index] = loss._prepare(out.passage_embeddings).to(bank.passages.dtype)
+            loss.bank_lse.stale = True  # the cache is rebuilt from the fresh vectors
+
+    return Trainer
 
 
 def methods(n_total: int, factor: int, steps: int) -> dict:
@@ -44,6 +90,8 @@ def methods(n_total: int, factor: int, steps: int) -> dict:
         f"contaccum-{big}": (N_LOCAL, k, big, big, None, 1),
         f"contaccum-{big}-weight-{n_total / big:g}": (*contaccum[:2], big, big, None, 1, {"bank_weight": n_total / big}),
         f"contaccum-{big}-warmup-{steps // 5}": (*contaccum[:2], big, big, None, 1, {"bank_warmup_steps": steps // 5}),
+        # not run by default (--methods): an oracle that re-encodes the whole bank every step
+        f"contaccum-{big}-fresh": (*contaccum[:2], big, big, None, 1, {"trainer_class": fresh_bank_trainer()}),
     }
 
 
@@ -85,6 +133,8 @@ def main():
     chosen = methods(args.n_total, args.factor, args.steps)
     if args.methods:
         chosen = {m: chosen[m] for m in args.methods.split(",")}
+    else:
+        chosen = {m: layout for m, layout in chosen.items() if not m.endswith("-fresh")}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for method, layout in chosen.items():
             if (method, seed) in done:
