@@ -82,7 +82,6 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
 
     per_device, k, qbank, pbank, chunk, _, *more = layout  # optional 7th: further training arguments
     more = dict(more[0]) if more else {}
-    trainer_class = more.pop("trainer_class", ContAccumTrainer)  # a benchmark's own subclass (an oracle)
     torch.manual_seed(seed)
     model = BiEncoder.from_encoder(encoder_path(), normalize=True)
     args = ContAccumTrainingArguments(
@@ -96,7 +95,7 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the pre-batch ablation warns about gradient-norm imbalance, by design
-        trainer = trainer_class(model=model, args=args, train_dataset=train, processing_class=model.tokenizer)
+        trainer = ContAccumTrainer(model=model, args=args, train_dataset=train, processing_class=model.tokenizer)
     trainer.train()
     metrics = evaluator(model)
     ratios = [h["grad_norm_ratio"] for h in trainer.state.log_history if "grad_norm_ratio" in h]

@@ -37,6 +37,7 @@ class MemoryBank:
         self.ptr = 0  # next slot to write
         self.fill = 0  # number of valid entries
         self.num_enqueued = 0  # total entries ever written (a step counter for resume checks)
+        self.tokens = {}  # side -> (token ids, attention mask) per slot, kept only for re-encoding (write_tokens)
 
     def __len__(self) -> int:
         return self.fill
@@ -91,6 +92,32 @@ class MemoryBank:
         self.num_enqueued += n
         return first, n
 
+    @torch.no_grad()
+    def write_tokens(self, first: int, features: dict) -> None:
+        """Keep the token ids of the pairs about to be enqueued at slots first, first + 1, ... (modulo the
+        capacity), so that they can be encoded again (ContAccumTrainingArguments.bank_refresh_steps). features:
+        {side: {"input_ids": (n, width), "attention_mask": (n, width)}}, on the device: nothing is read back."""
+        for side, f in features.items():
+            ids, mask = f["input_ids"], f["attention_mask"].bool()
+            kept_ids, kept_mask = self.tokens.get(side, (ids.new_zeros(self.capacity, 0, dtype=torch.int32),
+                                                         mask.new_zeros(self.capacity, 0)))
+            if ids.shape[1] > kept_ids.shape[1]:  # a longer batch than any before: widen, padding at the end
+                grow = ids.shape[1] - kept_ids.shape[1]
+                kept_ids, kept_mask = (torch.nn.functional.pad(t, (0, grow)) for t in (kept_ids, kept_mask))
+            slots = (torch.arange(ids.shape[0], device=ids.device) + first) % self.capacity
+            width = ids.shape[1]
+            kept_ids[slots] = 0
+            kept_mask[slots] = False
+            kept_ids[slots, :width] = ids.to(torch.int32)
+            kept_mask[slots, :width] = mask
+            self.tokens[side] = (kept_ids, kept_mask)
+
+    def token_features(self, rows: slice, side: str) -> dict:
+        """The kept tokens of slots `rows` as model inputs, cut to their longest text (one read of the device)."""
+        ids, mask = (t[rows] for t in self.tokens[side])
+        width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+        return {"input_ids": ids[:, :width].long(), "attention_mask": mask[:, :width].long()}
+
     def newest(self, count: int) -> torch.Tensor:
         """Slots of the `count` most recent valid entries, oldest first."""
         count = min(count, self.fill)
@@ -101,6 +128,7 @@ class MemoryBank:
 
     def reset(self) -> None:
         self.ptr = self.fill = 0
+        self.tokens = {}
 
     def to(self, device) -> MemoryBank:
         """Move the storage (e.g. a bank restored on the CPU, to the encoder's device)."""
@@ -108,6 +136,7 @@ class MemoryBank:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
+        self.tokens = {side: tuple(t.to(device) for t in kept) for side, kept in self.tokens.items()}
         return self
 
     # -- checkpointing -------------------------------------------------------------
@@ -118,6 +147,8 @@ class MemoryBank:
         for name in ("queries", "passages", "hard_negatives", "passage_keys", "hard_negative_keys"):
             value = getattr(self, name)
             state[name] = None if value is None else value.detach().cpu().clone()
+        for side, (ids, mask) in self.tokens.items():
+            state[f"{side}_token_ids"], state[f"{side}_token_mask"] = ids.cpu().clone(), mask.cpu().clone()
         return state
 
     def load_state_dict(self, state: dict, device=None) -> None:
@@ -132,6 +163,8 @@ class MemoryBank:
         for name in ("queries", "passages", "hard_negatives", "passage_keys", "hard_negative_keys"):
             value = state[name]
             setattr(self, name, None if value is None else value.to(device or "cpu"))
+        self.tokens = {side: (state[f"{side}_token_ids"].to(device or "cpu"), state[f"{side}_token_mask"].to(device or "cpu"))
+                       for side in ("query", "passage") if f"{side}_token_ids" in state}
 
 
 def bank_columns(bank: MemoryBank, first: int = 0, last: int | None = None):

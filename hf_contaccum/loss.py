@@ -264,6 +264,14 @@ class ContAccumLoss(nn.Module):
         if self.query_bank_size > 0:
             self.bank_lse.update(self.bank, written, self.temperature, self.mask_false_negatives)
 
+    @torch.no_grad()
+    def replace_bank_vectors(self, rows: slice, queries, positives) -> None:
+        """Overwrite the banked vectors of slots `rows` (the same pairs encoded again, by a newer encoder);
+        the log-sum-exp cache is rebuilt from the bank when next read."""
+        self.bank.queries[rows] = self._prepare(queries).to(self.bank.queries.dtype)
+        self.bank.passages[rows] = self._prepare(positives).to(self.bank.passages.dtype)
+        self.bank_lse.stale = True
+
     def reset(self) -> None:
         """Empty the bank (e.g. after every optimizer step, for an ablation)."""
         self.bank.reset()

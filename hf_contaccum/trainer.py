@@ -148,6 +148,10 @@ class ContAccumTrainer(Trainer):
                              "batches a process waits forever for the others' micro-batch")
         if args.gradcache_chunk_size:
             check_engine_supports_gradcache()
+        if args.bank_refresh_steps and gathered > 1:
+            raise ValueError(f"bank_refresh_steps with {gathered} processes sharing one global bank: each would have "
+                             "to encode every process's banked texts. Set gather_across_devices=False (a bank per "
+                             "process) or bank_refresh_steps=0")
         check_bank_fits(args.passage_bank_size, args.per_device_train_batch_size, gathered)  # before training
         micro_batch = args.per_device_train_batch_size * gathered
         self.num_hard_negatives = data_check.num_hard_negatives if data_check is not None else None
@@ -167,6 +171,7 @@ class ContAccumTrainer(Trainer):
         if config is not None and hasattr(config, "similarity"):
             config.similarity = args.similarity  # the saved model then says how it is scored
         self.add_callback(_LossStepHooks(self.contrastive_loss, args.collapse_patience))
+        self.refreshed_at_step = None  # bank_refresh_steps: the optimizer step whose start re-encoded the bank
         self.tower_grad_norms = None
         if config is not None and getattr(config, "shared", True) is False:
             self.tower_grad_norms = _TowerGradNorms()
@@ -191,6 +196,8 @@ class ContAccumTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.contrastive_loss.train(model.training)
         columns = {side: side_features(inputs, side) for side in ("query", "passage")}
+        if self.args.bank_refresh_steps and model.training and torch.is_grad_enabled():
+            self._refresh_and_keep_tokens(model, columns, inputs["query_input_ids"].shape[0])
 
         def loss_from_embeddings(embeddings):
             positives, hard_negatives = split_passages(embeddings["passage"], inputs["hard_negative_keys"])
@@ -202,6 +209,27 @@ class ContAccumTrainer(Trainer):
         else:
             loss = loss_from_embeddings(self.embed(model, columns))
         return (loss, {}) if return_outputs else loss
+
+    def _refresh_and_keep_tokens(self, model, columns: dict, n: int) -> None:
+        step = self.state.global_step
+        if step % self.args.bank_refresh_steps == 0 and self.refreshed_at_step != step:  # the step's first micro-batch
+            self.refreshed_at_step = step
+            self.refresh_bank(model)
+        # this micro-batch's backward enqueues its pairs from the bank's pointer on: keep their tokens there
+        self.memory_bank.write_tokens(self.memory_bank.ptr, {
+            side: {key: columns[side][key][:n] for key in ("input_ids", "attention_mask")} for side in columns})
+
+    @torch.no_grad()
+    def refresh_bank(self, model=None, block: int = 256) -> None:
+        """Encode every banked pair again with the current encoder (bank_refresh_steps), through `embed`, in the
+        model's current mode (training: dropout as for the micro-batch's own rows)."""
+        bank, model = self.memory_bank, model if model is not None else self.model
+        if not bank.tokens or bank.fill == 0:
+            return
+        for start in range(0, bank.fill, block):
+            rows = slice(start, min(start + block, bank.fill))
+            embeddings = self.embed(model, {side: bank.token_features(rows, side) for side in ("query", "passage")})
+            self.contrastive_loss.replace_bank_vectors(rows, embeddings["query"], embeddings["passage"])
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss is plain in-batch InfoNCE: evaluation never reads or writes the bank."""

@@ -37,6 +37,11 @@ class ContAccumTrainingArguments(TrainingArguments):
     bank_warmup_steps: int = field(default=0, metadata={"help": (
         "Fill the bank but do not read it for the first N optimizer steps (XBM's warm-up: banked vectors go "
         "stale fastest early, while the encoder moves most).")})
+    bank_refresh_steps: int = field(default=0, metadata={"help": (
+        "Staleness control: every N optimizer steps, encode every banked pair again with the current encoder (no "
+        "gradient) before the step, so no banked vector is older than N steps (ANCE's periodic refresh; 0 = off, "
+        "the paper). Costs 2 x N_mem forward passes per refresh and keeps the banked texts' token ids. One "
+        "process, or several with gather_across_devices=False; not with bank_hard_negatives.")})
     mask_false_negatives: bool = field(default=True, metadata={"help": (
         "Never use a passage as a negative of a query it is relevant to: columns with the same passage id "
         "(column positive_id) or, without ids, the same text as the row's positive are masked.")})
@@ -104,6 +109,11 @@ class ContAccumTrainingArguments(TrainingArguments):
             raise ValueError(f"bank_weight must be in (0, 1] (1: every banked entry counts fully), got {self.bank_weight}")
         if self.bank_warmup_steps < 0:
             raise ValueError(f"bank_warmup_steps must be >= 0, got {self.bank_warmup_steps}")
+        if self.bank_refresh_steps < 0:
+            raise ValueError(f"bank_refresh_steps must be >= 0 (0 = never), got {self.bank_refresh_steps}")
+        if self.bank_refresh_steps and self.bank_hard_negatives:
+            raise ValueError("bank_refresh_steps re-encodes banked queries and positives, not banked hard negatives: "
+                             "set bank_hard_negatives=False or bank_refresh_steps=0")
         if self.bank_chunk_size is not None and self.bank_chunk_size < 1:
             raise ValueError(f"bank_chunk_size must be >= 1, got {self.bank_chunk_size}")
         if self.query_bank_size > self.passage_bank_size:

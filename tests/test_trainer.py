@@ -45,15 +45,24 @@ def test_no_bank_equals_plain_gradient_accumulation(tmp_path, tokenizer, toy_dat
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def _manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, num_negatives):
-    """ContAccum written literally: full score matrix over [current; bank] rows and columns each micro-batch."""
+def _manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, num_negatives, refresh=False):
+    """ContAccum written literally: full score matrix over [current; bank] rows and columns each micro-batch.
+    refresh: before every optimizer step, every banked pair is encoded again, one pair at a time, from its text."""
     collate = ContrastiveCollator(tokenizer, 16, 24)
     model.to(DEVICE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    bank_q, bank_p = [], []  # python lists of detached vectors, oldest first
+    bank_q, bank_p, bank_rows = [], [], []  # python lists of detached vectors and their rows, oldest first
     batches = [rows[i:i + n_local] for i in range(0, len(rows), n_local)]
     losses = []
     for step in range(steps):
+        if refresh and bank_rows:
+            with torch.no_grad():
+                for i, row in enumerate(bank_rows):
+                    b = on_device(collate([row]))
+                    out = model(query_input_ids=b["query_input_ids"], query_attention_mask=b["query_attention_mask"],
+                                passage_input_ids=b["passage_input_ids"][:1],
+                                passage_attention_mask=b["passage_attention_mask"][:1])
+                    bank_q[i], bank_p[i] = out.query_embeddings[0], out.passage_embeddings[0]
         for micro in batches[step * k:(step + 1) * k]:
             b = on_device(collate(micro))
             out = model(**{key: b[key] for key in b if key.endswith(("input_ids", "attention_mask", "token_type_ids"))})
@@ -71,7 +80,8 @@ def _manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, 
             for i in range(n):
                 bank_q.append(q[i].detach())
                 bank_p.append(p[i].detach())
-            del bank_q[:-bank_size], bank_p[:-bank_size]
+                bank_rows.append(micro[i])
+            del bank_q[:-bank_size], bank_p[:-bank_size], bank_rows[:-bank_size]
         opt.step()
         opt.zero_grad()
     return model, losses
@@ -90,6 +100,51 @@ def test_trainer_with_bank_equals_literal_contaccum(tmp_path, tokenizer, toy_dat
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     expected = [sum(ref_losses[i:i + 2]) / 2 for i in range(0, 8, 2)]
     assert logged == pytest.approx(expected, rel=1e-4)  # the Trainer divided by K exactly once
+
+
+def test_bank_refresh_equals_literal_contaccum_re_encoding_the_bank(tmp_path, tokenizer, toy_dataset):
+    """bank_refresh_steps=1: before every optimizer step each banked pair is encoded again by the current
+    encoder; against the literal loop re-encoding them one by one from their texts."""
+    ds = toy_dataset(n=4 * 2 * 5)
+    model = tiny_model()
+    reference, ref_losses = _manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 5, 1e-2, 12, 0,
+                                              refresh=True)
+    stale, _ = _manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 5, 1e-2, 12, 0)
+    args = trainer_args(tmp_path, gradient_accumulation_steps=2, max_steps=5, memory_bank_size=12,
+                        mask_false_negatives=False, learning_rate=1e-2, bank_refresh_steps=1)
+    trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(model.parameters(), stale.parameters()))
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == pytest.approx([sum(ref_losses[i:i + 2]) / 2 for i in range(0, 10, 2)], rel=1e-4)
+    # every slot keeps the tokens of one training pair (as the collator cut them), query and positive together
+    collate, bank = ContrastiveCollator(tokenizer, 16, 24), trainer.memory_bank
+    pairs = {tuple(b["query_input_ids"][0].tolist()): tuple(b["passage_input_ids"][0].tolist())
+             for b in (collate([row]) for row in ds)}
+    kept = [tuple(tuple(bank.token_features(slice(s, s + 1), side)["input_ids"][0].tolist())
+                  for side in ("query", "passage")) for s in range(bank.fill)]
+    assert len(kept) == 12 and all(pairs[query] == passage for query, passage in kept)
+
+
+def test_bank_refresh_resumes_exactly_and_refuses_what_it_cannot_do(tmp_path, tokenizer, toy_dataset):
+    ds = toy_dataset(40)
+    common = {"memory_bank_size": 12, "gradient_accumulation_steps": 2, "max_steps": 4, "bank_refresh_steps": 2,
+              "save_strategy": "steps", "save_steps": 2, "train_sampling_strategy": "random"}
+    full = ContAccumTrainer(model=tiny_model(dropout=0.1), args=trainer_args(tmp_path / "a", **common),
+                            train_dataset=ds, processing_class=tokenizer)
+    full.train()
+    resumed = ContAccumTrainer(model=tiny_model(seed=5, dropout=0.1), args=trainer_args(tmp_path / "b", **common),
+                               train_dataset=ds, processing_class=tokenizer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert torch.equal(full.memory_bank.tokens["query"][0], resumed.memory_bank.tokens["query"][0])
+    with pytest.raises(ValueError, match="not banked hard negatives"):
+        trainer_args(tmp_path, memory_bank_size=8, bank_hard_negatives=True, bank_refresh_steps=1)
+    with pytest.raises(ValueError, match="bank_refresh_steps must be >= 0"):
+        trainer_args(tmp_path, bank_refresh_steps=-1)
 
 
 def test_logs_bank_statistics(tmp_path, tokenizer, toy_dataset):
