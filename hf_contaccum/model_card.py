@@ -128,6 +128,8 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
               *([f"| bank weight (staleness) | {args.bank_weight} |"] if args.bank_weight != 1 else []),
               *([f"| bank warm-up (steps without reading the bank) | {args.bank_warmup_steps} |"]
                 if args.bank_warmup_steps else []),
+              *([f"| bank refresh (banked pairs encoded again every N steps) | {args.bank_refresh_steps} |"]
+                if args.bank_refresh_steps else []),
               f"| learning rate / max grad norm | {args.learning_rate} / {args.max_grad_norm} |",
               f"| optimizer steps | {trainer.state.global_step} |", ""]
     if world > 1:

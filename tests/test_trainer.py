@@ -141,6 +141,8 @@ def test_bank_refresh_resumes_exactly_and_refuses_what_it_cannot_do(tmp_path, to
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
     assert torch.equal(full.memory_bank.tokens["query"][0], resumed.memory_bank.tokens["query"][0])
+    full.create_model_card()
+    assert "| bank refresh (banked pairs encoded again every N steps) | 2 |" in (tmp_path / "a" / "out" / "README.md").read_text()
     with pytest.raises(ValueError, match="not banked hard negatives"):
         trainer_args(tmp_path, memory_bank_size=8, bank_hard_negatives=True, bank_refresh_steps=1)
     with pytest.raises(ValueError, match="bank_refresh_steps must be >= 0"):
