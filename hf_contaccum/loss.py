@@ -145,7 +145,7 @@ class ContAccumLoss(nn.Module):
             hard_negative_keys = positive_keys.new_zeros(n, 0)
         if training:
             check_bank_fits(self.bank.capacity, n, size)
-            self._move_bank_to(queries.device)
+            self.move_bank_to(queries.device)
             self.diagnostics.track_raw_grad_norm_ratio(queries, positives, hard_negatives)
         q_bank, p_all, pk_all, hn_all, hk_all = queries.detach(), positives, positive_keys, hard_negatives, \
             hard_negative_keys
@@ -277,7 +277,8 @@ class ContAccumLoss(nn.Module):
         self.bank.reset()
         self.bank_lse.stale = True
 
-    def _move_bank_to(self, device) -> None:
+    def move_bank_to(self, device) -> None:
+        """The bank and its cache on `device` (a bank restored from a checkpoint starts on the CPU)."""
         if self.bank.queries is not None and self.bank.queries.device != device:
             self.bank.to(device)
             self.bank_lse.to(device)

@@ -211,6 +211,7 @@ class ContAccumTrainer(Trainer):
         return (loss, {}) if return_outputs else loss
 
     def _refresh_and_keep_tokens(self, model, columns: dict, n: int) -> None:
+        self.contrastive_loss.move_bank_to(columns["query"]["input_ids"].device)  # a resumed bank starts on the CPU
         step = self.state.global_step
         if step % self.args.bank_refresh_steps == 0 and self.refreshed_at_step != step:  # the step's first micro-batch
             self.refreshed_at_step = step

@@ -111,6 +111,9 @@ class ContAccumTrainingArguments(TrainingArguments):
             raise ValueError(f"bank_warmup_steps must be >= 0, got {self.bank_warmup_steps}")
         if self.bank_refresh_steps < 0:
             raise ValueError(f"bank_refresh_steps must be >= 0 (0 = never), got {self.bank_refresh_steps}")
+        if self.bank_refresh_steps and self.passage_bank_size == 0:
+            raise ValueError("bank_refresh_steps re-encodes the memory bank, and memory_bank_size is 0: give the bank a "
+                             "size, or set bank_refresh_steps=0")
         if self.bank_refresh_steps and self.bank_hard_negatives:
             raise ValueError("bank_refresh_steps re-encodes banked queries and positives, not banked hard negatives: "
                              "set bank_hard_negatives=False or bank_refresh_steps=0")

@@ -147,6 +147,8 @@ def test_bank_refresh_resumes_exactly_and_refuses_what_it_cannot_do(tmp_path, to
         trainer_args(tmp_path, memory_bank_size=8, bank_hard_negatives=True, bank_refresh_steps=1)
     with pytest.raises(ValueError, match="bank_refresh_steps must be >= 0"):
         trainer_args(tmp_path, bank_refresh_steps=-1)
+    with pytest.raises(ValueError, match="memory_bank_size is 0"):
+        trainer_args(tmp_path, memory_bank_size=0, bank_refresh_steps=1)
 
 
 def test_logs_bank_statistics(tmp_path, tokenizer, toy_dataset):
