@@ -19,7 +19,6 @@ with the same passages encoded now, as a current query sees them:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import device
+from _harness import device, write_result
 from quality import MAX_LENGTHS, encoder_path, load_task
 
 AGES = (1, 2, 4, 8, 16)
@@ -115,10 +114,7 @@ def main():
                   f"{whole['error_over_spread']:>14.3f}   " + (f"{late['error_over_spread']:.3f}" if late else "-"))
     print(f"dropout: two train-mode encodings of the same passages: cos {result['dropout_cos']:.4f}, "
           f"logit error {dropout:.3f}")
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                         f"bank_drift_{args.task}.json")
-    with open(output, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(result, args.output, f"bank_drift_{args.task}.json")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 
 import torch
-from _harness import device, timed
+from _harness import device, timed, write_result
 
 
 def build_model(encoder: str):
@@ -107,10 +106,8 @@ def main():
     }
     print(json.dumps({k: result[k] for k in ("median_seconds_per_step", "median_paired_ratio_one_over_two",
                                              "tokens_per_step_ratio_one_over_two")}, indent=1))
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                         f"one_tower_call_{args.encoder}{'' if args.task == 'wordnet' else '_' + args.task}.json")
-    with open(output, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(result, args.output,
+                 f"one_tower_call_{args.encoder}{'' if args.task == 'wordnet' else '_' + args.task}.json")
 
 
 if __name__ == "__main__":
