@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .data import used_width
+
 NEG_INF = float("-inf")
 
 
@@ -78,8 +80,7 @@ class MemoryBank:
             self.num_enqueued += n - self.capacity
             n = self.capacity
         first = self.ptr
-        # made on the device: a host-made index would be copied there, a host sync on a GPU
-        dev_slots = (torch.arange(n, device=self.queries.device) + first) % self.capacity
+        dev_slots = self.slots(first, n, self.queries.device)
         self.queries.index_copy_(0, dev_slots, queries.detach().to(self.queries.dtype))
         self.passages.index_copy_(0, dev_slots, passages.detach().to(self.passages.dtype))
         self.passage_keys.index_copy_(0, dev_slots, passage_keys.to(self.passage_keys.device))
@@ -91,6 +92,11 @@ class MemoryBank:
         self.fill = min(self.fill + n, self.capacity)
         self.num_enqueued += n
         return first, n
+
+    def slots(self, first: int, count: int, device) -> torch.Tensor:
+        """Slots first, first + 1, ... (count of them, modulo the capacity) as an index made on `device`: an index
+        made on the host would be copied there, a host sync on a GPU."""
+        return (torch.arange(count, device=device) + first) % self.capacity
 
     @torch.no_grad()
     def write_tokens(self, first: int, features: dict) -> None:
@@ -104,18 +110,15 @@ class MemoryBank:
             if ids.shape[1] > kept_ids.shape[1]:  # a longer batch than any before: widen, padding at the end
                 grow = ids.shape[1] - kept_ids.shape[1]
                 kept_ids, kept_mask = (torch.nn.functional.pad(t, (0, grow)) for t in (kept_ids, kept_mask))
-            slots = (torch.arange(ids.shape[0], device=ids.device) + first) % self.capacity
-            width = ids.shape[1]
-            kept_ids[slots] = 0
-            kept_mask[slots] = False
-            kept_ids[slots, :width] = ids.to(torch.int32)
-            kept_mask[slots, :width] = mask
+            slots, grow = self.slots(first, ids.shape[0], ids.device), kept_ids.shape[1] - ids.shape[1]
+            kept_ids[slots] = torch.nn.functional.pad(ids.to(torch.int32), (0, grow))  # whole rows: no old tokens left
+            kept_mask[slots] = torch.nn.functional.pad(mask, (0, grow))
             self.tokens[side] = (kept_ids, kept_mask)
 
     def token_features(self, rows: slice, side: str) -> dict:
         """The kept tokens of slots `rows` as model inputs, cut to their longest text (one read of the device)."""
         ids, mask = (t[rows] for t in self.tokens[side])
-        width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+        width = used_width(mask) or 1
         return {"input_ids": ids[:, :width].long(), "attention_mask": mask[:, :width].long()}
 
     def newest(self, count: int) -> torch.Tensor:
@@ -359,8 +362,7 @@ class BankLogsumexp:
                     self.chunk_lse[block, chunk] = self._span_lse(bank, block, first, last, temperature, mask)
         if bank.ptr % self.chunk_size == 0:
             self.sweep_chunk = None  # the pointer is on a chunk boundary: the next write begins a new sweep
-        rows = (slice(*ranges[0]) if len(ranges) == 1
-                else (torch.arange(count, device=device) + start) % capacity)
+        rows = slice(*ranges[0]) if len(ranges) == 1 else bank.slots(start, count, device)
         self._refresh_rows(bank, rows, temperature, mask)  # last: the written rows, all fresh
 
     @classmethod

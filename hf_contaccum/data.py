@@ -102,6 +102,15 @@ class ColumnMap:
 TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def used_width(attention_mask: torch.Tensor) -> int:
+    """One past the last token column that any row attends to (0 if none): the width that cutting off the
+    all-padding columns at the end keeps. One read of the device."""
+    if attention_mask.shape[1] == 0:
+        return 0
+    used = attention_mask.bool().any(0)
+    return int((used * torch.arange(1, used.shape[0] + 1, device=used.device)).max())
+
+
 # The batch layout, written down once: query_{TOKEN_FIELDS} (n rows); passage_{TOKEN_FIELDS}
 # (n positives, then the n*H hard negatives row-major, so negative h of query i is row
 # n + i*H + h); passage_keys (n,); hard_negative_keys (n, H).

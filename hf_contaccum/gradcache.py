@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from .data import used_width
+
 AUTOCAST_DEVICES = ("cuda", "cpu")
 
 
@@ -56,8 +58,7 @@ def slice_features(features: dict, begin: int, end: int) -> dict:
     width = keep = None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         width = mask.shape[1]
-        used = mask[begin:end].bool().any(0).nonzero()
-        keep = int(used.max()) + 1 if len(used) else width
+        keep = used_width(mask[begin:end]) or width
     out = {}
     for key, value in features.items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0:

@@ -188,13 +188,20 @@ SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "unique", "_uniqu
 
 
 class _RecordSyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records "<op> in <file>:<line>" for every syncing op, at the innermost frame outside torch that ran it."""
+
     def __init__(self):
         super().__init__()
         self.seen = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ in SYNCING_OPS:
-            self.seen.append(func.overloadpacket.__name__)
+            import os
+            import traceback
+
+            caller = next(f for f in reversed(traceback.extract_stack()[:-1])  # [:-1]: not this method
+                          if f"{os.sep}torch{os.sep}" not in f.filename)
+            self.seen.append(f"{func.overloadpacket.__name__} in {caller.filename}:{caller.lineno}")
         return func(*args, **(kwargs or {}))
 
 

@@ -537,22 +537,12 @@ def test_a_trainer_micro_step_reads_nothing_from_the_device_in_our_code(tmp_path
     """Through the Trainer's own training_step (embed, loss, backward, enqueue, cache refresh, statistics):
     no op in this library reads a device value on the host. (transformers' SDPA mask check reads one per tower
     call when the batch has padding: its own, outside this library; one_tower_call makes it one per micro-step.)"""
-    import traceback
-
     from datasets import Dataset
-    from test_loss import SYNCING_OPS, _RecordSyncingOps
+    from test_loss import _RecordSyncingOps
 
     import hf_contaccum
 
     library = os.path.dirname(hf_contaccum.__file__)
-
-    class WhoReads(_RecordSyncingOps):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in SYNCING_OPS:
-                caller = next(f for f in reversed(traceback.extract_stack())
-                              if f"{os.sep}torch{os.sep}" not in f.filename and not f.filename.endswith("test_trainer.py"))
-                self.seen.append(f"{func.overloadpacket.__name__} in {caller.filename}:{caller.lineno}")
-            return func(*args, **(kwargs or {}))
 
     args = trainer_args(tmp_path, memory_bank_size=16, bank_hard_negatives=True, one_tower_call=one_tower_call)
     trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=Dataset.from_list(toy_rows(32, 1)),
@@ -562,7 +552,7 @@ def test_a_trainer_micro_step_reads_nothing_from_the_device_in_our_code(tmp_path
     batches = [trainer._prepare_inputs(trainer.data_collator(toy_rows(4, 1, seed=s))) for s in range(10)]
     for batch in batches[:4]:  # the bank fills, its cache is built
         trainer.training_step(trainer.model, batch)
-    recorder = WhoReads()
+    recorder = _RecordSyncingOps()
     with recorder:
         for batch in batches[4:]:
             trainer.training_step(trainer.model, batch)
