@@ -34,6 +34,13 @@ def gather_without_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_padded(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's (n, w_rank) `t` padded with zeros at the end to the widest, concatenated in rank order (no
+    autograd). The widths are read on the host: one small collective and a device read per call."""
+    width = int(gather_without_grad(torch.tensor([t.shape[1]], device=t.device)).max())
+    return gather_without_grad(torch.nn.functional.pad(t, (0, width - t.shape[1])))
+
+
 def check_equal_shapes(*tensors) -> None:
     """The gathered similarity matrix needs the same shapes on every rank: say so instead of hanging."""
     shape = torch.tensor([[s for t in tensors for s in t.shape]], device=tensors[0].device)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from .data import ContrastiveCollator, side_features, split_passages, tokenize_once
+from .gather import gather_padded, gather_without_grad, world
 from .gradcache import GradCache, check_engine_supports_gradcache
 from .loss import BANK_FILE, ContAccumLoss, check_bank_fits
 from .model_card import build_model_card
@@ -148,10 +149,6 @@ class ContAccumTrainer(Trainer):
                              "batches a process waits forever for the others' micro-batch")
         if args.gradcache_chunk_size:
             check_engine_supports_gradcache()
-        if args.bank_refresh_steps and gathered > 1:
-            raise ValueError(f"bank_refresh_steps with {gathered} processes sharing one global bank: each would have "
-                             "to encode every process's banked texts. Set gather_across_devices=False (a bank per "
-                             "process) or bank_refresh_steps=0")
         check_bank_fits(args.passage_bank_size, args.per_device_train_batch_size, gathered)  # before training
         micro_batch = args.per_device_train_batch_size * gathered
         self.num_hard_negatives = data_check.num_hard_negatives if data_check is not None else None
@@ -217,20 +214,43 @@ class ContAccumTrainer(Trainer):
             self.refreshed_at_step = step
             self.refresh_bank(model)
         # this micro-batch's backward enqueues its pairs from the bank's pointer on: keep their tokens there
-        self.memory_bank.write_tokens(self.memory_bank.ptr, {
-            side: {key: columns[side][key][:n] for key in ("input_ids", "attention_mask")} for side in columns})
+        tokens = {side: {key: columns[side][key][:n] for key in ("input_ids", "attention_mask")} for side in columns}
+        if self._bank_processes()[1] > 1:  # the bank enqueues every process's pairs in rank order: so do the tokens
+            tokens = {side: {key: gather_padded(t) for key, t in kept.items()} for side, kept in tokens.items()}
+        self.memory_bank.write_tokens(self.memory_bank.ptr, tokens)
+
+    def _bank_processes(self) -> tuple[int, int]:
+        """(rank, number of processes) sharing the bank: (0, 1) unless one global bank is gathered."""
+        return world() if self.args.gather_across_devices else (0, 1)
 
     @torch.no_grad()
     def refresh_bank(self, model=None, block: int = 256) -> None:
         """Encode every banked pair again with the current encoder (bank_refresh_steps), through `embed`, in the
-        model's current mode (training: dropout as for the micro-batch's own rows)."""
+        model's current mode (training: dropout as for the micro-batch's own rows).
+
+        A global bank shared by P processes (every one holds every pair's tokens) is split in P shares: each
+        process encodes its own and the vectors are gathered. All processes call the model equally often with
+        equally many rows (a sharded engine gathers parameters in every call), so a share that would run past
+        the bank's end encodes the last `count` rows instead and keeps only its own."""
         bank, model = self.memory_bank, model if model is not None else self.model
         if not bank.tokens or bank.fill == 0:
             return
-        for start in range(0, bank.fill, block):
-            rows = slice(start, min(start + block, bank.fill))
+        rank, processes = self._bank_processes()
+        share = -(-bank.fill // processes)  # rows per process, the last share possibly shorter
+        for offset in range(0, share, block):
+            count = min(block, share - offset)
+            firsts = [r * share + offset for r in range(processes)]  # each process's first row of this block
+            encoded = [min(first, bank.fill - count) for first in firsts]  # the rows it encodes: [e, e + count)
+            rows = slice(encoded[rank], encoded[rank] + count)
             embeddings = self.embed(model, {side: bank.token_features(rows, side) for side in ("query", "passage")})
-            self.contrastive_loss.replace_bank_vectors(rows, embeddings["query"], embeddings["passage"])
+            queries, passages = embeddings["query"], embeddings["passage"]
+            if processes > 1:
+                queries, passages = gather_without_grad(queries), gather_without_grad(passages)
+            for r, (first, start) in enumerate(zip(firsts, encoded)):
+                own = max(0, min(count, bank.fill - first))  # rows of process r's share in this block
+                part = slice(r * count + first - start, r * count + first - start + own)
+                if own:
+                    self.contrastive_loss.replace_bank_vectors(slice(first, first + own), queries[part], passages[part])
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss is plain in-batch InfoNCE: evaluation never reads or writes the bank."""

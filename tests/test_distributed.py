@@ -62,6 +62,35 @@ def test_two_processes_equal_one_process_on_global_batch(tmp_path, tokenizer, gr
     assert result["checksums"][0][0] == pytest.approx(float(bank.queries.double().sum()), abs=1e-6 * magnitude)
 
 
+def test_two_processes_refreshing_one_global_bank_equal_one_process(tmp_path, tokenizer):
+    """bank_refresh_steps with a global bank: each process keeps every pair's tokens (gathered, of unequal
+    widths) and encodes its share of the bank; a bank of 11 (fill 4, 8, 11) makes the last share run past the
+    end, so that process encodes the last rows and keeps only its own."""
+    from datasets import Dataset
+
+    args = dict(CONFIG["args"], memory_bank_size=11, bank_hard_negatives=False, bank_refresh_steps=1, max_steps=5,
+                optim="sgd", learning_rate=0.5)  # SGD: parameters move by the gradient itself, not Adam's sign of round-off
+    result, params = _launch(tmp_path, dict(CONFIG, args=args))
+    assert result["checksums"][0] == result["checksums"][1]  # refreshed alike on both ranks
+    single = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "single", **dict(
+        args, per_device_train_batch_size=4, use_cpu=True)), train_dataset=Dataset.from_list(
+        toy_rows(CONFIG["rows"], CONFIG["negatives"])), processing_class=tokenizer)
+    single.train()
+    assert result["losses"] == pytest.approx([h["loss"] for h in single.state.log_history if "loss" in h], rel=1e-5)
+    for name, value in single.model.state_dict().items():
+        assert torch.allclose(value, params[name], atol=1e-6), name
+    bank = single.memory_bank
+    assert result["checksums"][0][3:] == [bank.ptr, bank.fill] == [7, 11]
+    magnitude = float(bank.queries.double().abs().sum())
+    assert result["checksums"][0][0] == pytest.approx(float(bank.queries.double().sum()), abs=1e-6 * magnitude)
+    # without the refresh the same run differs: the test can tell
+    stale = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "stale", **dict(
+        args, per_device_train_batch_size=4, use_cpu=True, bank_refresh_steps=0)), train_dataset=Dataset.from_list(
+        toy_rows(CONFIG["rows"], CONFIG["negatives"])), processing_class=tokenizer)
+    stale.train()
+    assert [h["loss"] for h in stale.state.log_history if "loss" in h] != pytest.approx(result["losses"], rel=1e-5)
+
+
 def test_uneven_dataset_is_evened_not_hung(tmp_path):
     """45 rows over 2 ranks x 2 per batch: accelerate evens the last batch (documented); no hang."""
     config = dict(CONFIG, rows=45, args=dict(CONFIG["args"], max_steps=-1, num_train_epochs=1))
