@@ -27,7 +27,13 @@ from torch.autograd import Variable
 
 from .bank import NEG_INF, BankLogsumexp, MemoryBank, bank_columns
 from .diagnostics import TrainingDiagnostics
-from .gather import check_equal_shapes, gather_with_grad, gather_without_grad, world
+from .gather import (
+    check_equal_shapes,
+    gather_padded,
+    gather_with_grad,
+    gather_without_grad,
+    world,
+)
 from .gradcache import deepspeed_zero_stage
 
 SIMILARITIES = ("dot", "cos")
@@ -264,12 +270,50 @@ class ContAccumLoss(nn.Module):
         if self.query_bank_size > 0:
             self.bank_lse.update(self.bank, written, self.temperature, self.mask_false_negatives)
 
+    # -- staleness control by re-encoding (bank_refresh_steps) ----------------------------
+    def _bank_processes(self) -> tuple[int, int]:
+        """(rank, number of processes) sharing the bank: (0, 1) unless one global bank is gathered."""
+        return world() if self.gather_across_devices else (0, 1)
+
     @torch.no_grad()
-    def replace_bank_vectors(self, rows: slice, queries, positives) -> None:
-        """Overwrite the banked vectors of slots `rows` (the same pairs encoded again, by a newer encoder);
-        the log-sum-exp cache is rebuilt from the bank when next read."""
-        self.bank.queries[rows] = self._prepare(queries).to(self.bank.queries.dtype)
-        self.bank.passages[rows] = self._prepare(positives).to(self.bank.passages.dtype)
+    def keep_tokens(self, features: dict) -> None:
+        """Keep the tokens of the pairs this micro-batch will bank, so that refresh_bank can encode them again.
+        features: {"query" | "passage": {"input_ids", "attention_mask"}} of this process's pairs, on the device.
+        Call before the micro-batch's forward: its backward enqueues the pairs from the bank's pointer on (a global
+        bank: every process's, in rank order), so their tokens go there (gathered, padded to the widest)."""
+        if self._bank_processes()[1] > 1:
+            features = {side: {key: gather_padded(t) for key, t in f.items()} for side, f in features.items()}
+        self.bank.write_tokens(self.bank.ptr, features)
+
+    @torch.no_grad()
+    def refresh_bank(self, encode, block: int = 256) -> None:
+        """Encode every banked pair again with `encode` ({"query": features, "passage": features} -> (query
+        vectors, passage vectors), no gradient) and replace the banked vectors; the log-sum-exp cache is rebuilt
+        when next read. ANCE's periodic refresh: afterwards no banked vector is older than the encoder.
+
+        A global bank shared by P processes (every one holds every pair's tokens) is split in P shares: each
+        process encodes its own and the vectors are gathered. All processes call the model equally often with
+        equally many rows (a sharded engine gathers parameters in every call), so a share that would run past
+        the bank's end encodes the last `count` rows instead and keeps only its own."""
+        bank = self.bank
+        if not bank.tokens or bank.fill == 0:
+            return
+        rank, processes = self._bank_processes()
+        share = -(-bank.fill // processes)  # rows per process, the last share possibly shorter
+        for offset in range(0, share, block):
+            count = min(block, share - offset)
+            firsts = [r * share + offset for r in range(processes)]  # each process's first row of this block
+            encoded = [min(first, bank.fill - count) for first in firsts]  # the rows it encodes: [e, e + count)
+            rows = slice(encoded[rank], encoded[rank] + count)
+            queries, passages = encode({side: bank.token_features(rows, side) for side in ("query", "passage")})
+            if processes > 1:
+                queries, passages = gather_without_grad(queries), gather_without_grad(passages)
+            for r, (first, start) in enumerate(zip(firsts, encoded)):
+                own = max(0, min(count, bank.fill - first))  # rows of process r's share in this block
+                part = slice(r * count + first - start, r * count + first - start + own)
+                if own:
+                    bank.queries[first:first + own] = self._prepare(queries[part]).to(bank.queries.dtype)
+                    bank.passages[first:first + own] = self._prepare(passages[part]).to(bank.passages.dtype)
         self.bank_lse.stale = True
 
     def reset(self) -> None:
@@ -347,6 +391,18 @@ class ContAccumLoss(nn.Module):
         self.load_state_dict(saved.pop("state"))
         self.restored_step = saved.get("global_step")
         return saved
+
+
+def check_refresh(refresh_steps: int, bank_size: int, bank_hard_negatives: bool) -> None:
+    """bank_refresh_steps needs a bank, and re-encodes only banked queries and positives."""
+    if refresh_steps < 0:
+        raise ValueError(f"bank_refresh_steps must be >= 0 (0 = never), got {refresh_steps}")
+    if refresh_steps and bank_size == 0:
+        raise ValueError("bank_refresh_steps re-encodes the memory bank, and memory_bank_size is 0: give the bank a "
+                         "size, or set bank_refresh_steps=0")
+    if refresh_steps and bank_hard_negatives:
+        raise ValueError("bank_refresh_steps re-encodes banked queries and positives, not banked hard negatives: "
+                         "set bank_hard_negatives=False or bank_refresh_steps=0")
 
 
 def check_bank_fits(capacity: int, per_process: int, processes: int = 1) -> None:

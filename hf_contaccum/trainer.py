@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from .data import ContrastiveCollator, side_features, split_passages, tokenize_once
-from .gather import gather_padded, gather_without_grad, world
 from .gradcache import GradCache, check_engine_supports_gradcache
 from .loss import BANK_FILE, ContAccumLoss, check_bank_fits
 from .model_card import build_model_card
@@ -213,44 +212,19 @@ class ContAccumTrainer(Trainer):
         if step % self.args.bank_refresh_steps == 0 and self.refreshed_at_step != step:  # the step's first micro-batch
             self.refreshed_at_step = step
             self.refresh_bank(model)
-        # this micro-batch's backward enqueues its pairs from the bank's pointer on: keep their tokens there
-        tokens = {side: {key: columns[side][key][:n] for key in ("input_ids", "attention_mask")} for side in columns}
-        if self._bank_processes()[1] > 1:  # the bank enqueues every process's pairs in rank order: so do the tokens
-            tokens = {side: {key: gather_padded(t) for key, t in kept.items()} for side, kept in tokens.items()}
-        self.memory_bank.write_tokens(self.memory_bank.ptr, tokens)
+        self.contrastive_loss.keep_tokens({
+            side: {key: columns[side][key][:n] for key in ("input_ids", "attention_mask")} for side in columns})
 
-    def _bank_processes(self) -> tuple[int, int]:
-        """(rank, number of processes) sharing the bank: (0, 1) unless one global bank is gathered."""
-        return world() if self.args.gather_across_devices else (0, 1)
-
-    @torch.no_grad()
     def refresh_bank(self, model=None, block: int = 256) -> None:
         """Encode every banked pair again with the current encoder (bank_refresh_steps), through `embed`, in the
-        model's current mode (training: dropout as for the micro-batch's own rows).
+        model's current mode (training: dropout as for the micro-batch's own rows)."""
+        model = model if model is not None else self.model
 
-        A global bank shared by P processes (every one holds every pair's tokens) is split in P shares: each
-        process encodes its own and the vectors are gathered. All processes call the model equally often with
-        equally many rows (a sharded engine gathers parameters in every call), so a share that would run past
-        the bank's end encodes the last `count` rows instead and keeps only its own."""
-        bank, model = self.memory_bank, model if model is not None else self.model
-        if not bank.tokens or bank.fill == 0:
-            return
-        rank, processes = self._bank_processes()
-        share = -(-bank.fill // processes)  # rows per process, the last share possibly shorter
-        for offset in range(0, share, block):
-            count = min(block, share - offset)
-            firsts = [r * share + offset for r in range(processes)]  # each process's first row of this block
-            encoded = [min(first, bank.fill - count) for first in firsts]  # the rows it encodes: [e, e + count)
-            rows = slice(encoded[rank], encoded[rank] + count)
-            embeddings = self.embed(model, {side: bank.token_features(rows, side) for side in ("query", "passage")})
-            queries, passages = embeddings["query"], embeddings["passage"]
-            if processes > 1:
-                queries, passages = gather_without_grad(queries), gather_without_grad(passages)
-            for r, (first, start) in enumerate(zip(firsts, encoded)):
-                own = max(0, min(count, bank.fill - first))  # rows of process r's share in this block
-                part = slice(r * count + first - start, r * count + first - start + own)
-                if own:
-                    self.contrastive_loss.replace_bank_vectors(slice(first, first + own), queries[part], passages[part])
+        def encode(features):
+            embeddings = self.embed(model, features)
+            return embeddings["query"], embeddings["passage"]
+
+        self.contrastive_loss.refresh_bank(encode, block)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss is plain in-batch InfoNCE: evaluation never reads or writes the bank."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from .loss import check_refresh
+
 
 @dataclass
 class ContAccumTrainingArguments(TrainingArguments):
@@ -110,14 +112,7 @@ class ContAccumTrainingArguments(TrainingArguments):
             raise ValueError(f"bank_weight must be in (0, 1] (1: every banked entry counts fully), got {self.bank_weight}")
         if self.bank_warmup_steps < 0:
             raise ValueError(f"bank_warmup_steps must be >= 0, got {self.bank_warmup_steps}")
-        if self.bank_refresh_steps < 0:
-            raise ValueError(f"bank_refresh_steps must be >= 0 (0 = never), got {self.bank_refresh_steps}")
-        if self.bank_refresh_steps and self.passage_bank_size == 0:
-            raise ValueError("bank_refresh_steps re-encodes the memory bank, and memory_bank_size is 0: give the bank a "
-                             "size, or set bank_refresh_steps=0")
-        if self.bank_refresh_steps and self.bank_hard_negatives:
-            raise ValueError("bank_refresh_steps re-encodes banked queries and positives, not banked hard negatives: "
-                             "set bank_hard_negatives=False or bank_refresh_steps=0")
+        check_refresh(self.bank_refresh_steps, self.passage_bank_size, self.bank_hard_negatives)
         if self.bank_chunk_size is not None and self.bank_chunk_size < 1:
             raise ValueError(f"bank_chunk_size must be >= 1, got {self.bank_chunk_size}")
         if self.query_bank_size > self.passage_bank_size:

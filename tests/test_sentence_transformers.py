@@ -147,6 +147,46 @@ def test_training_with_a_bank_equals_contaccum_trainer(tmp_path, encoder_dir):
     assert torch.allclose(loss.memory_bank.queries, ours.memory_bank.queries, atol=1e-5)
 
 
+def test_bank_refresh_equals_contaccum_trainer_and_needs_the_callback(tmp_path, encoder_dir):
+    """bank_refresh_steps in sentence-transformers' loss: the same refresh as ContAccumTrainer's (itself tested
+    against a literal loop that re-encodes every banked text), started by the callback at each step."""
+    from datasets import Dataset
+
+    path = encoder_dir()
+    data = Dataset.from_list(toy_rows(4 * 2 * 4))
+    st_args = _st_args(tmp_path / "st", max_steps=4, learning_rate=1e-2)
+
+    def st_run(refresh):
+        model = st_model(path)
+        loss = ContAccumLoss(model, memory_bank_size=10, bank_chunk_size=3, bank_refresh_steps=refresh)
+        trainer = SentenceTransformerTrainer(model=model, args=st_args, train_dataset=data, loss=loss,
+                                             callbacks=[ContAccumBankCallback(loss)])
+        trainer.train()
+        return model, loss, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    model, loss, st_losses = st_run(1)
+    assert loss.get_config_dict()["bank_refresh_steps"] == 1
+    reference = BiEncoder.from_encoder(path, shared=True, pooling="mean")
+    ours = ContAccumTrainer(model=reference, args=trainer_args(
+        tmp_path / "ours", memory_bank_size=10, bank_chunk_size=3, bank_refresh_steps=1, max_steps=4,
+        learning_rate=1e-2, use_cpu=True, similarity="cos", temperature=0.05, query_max_length=64,
+        passage_max_length=64), train_dataset=data, processing_class=reference.tokenizer)
+    ours.train()
+    assert st_losses == pytest.approx([h["loss"] for h in ours.state.log_history if "loss" in h], rel=1e-5)
+    for name, value in model[0].auto_model.named_parameters():
+        if not name.startswith("pooler."):  # built by both loaders, used by neither
+            assert torch.allclose(value, dict(reference.query_encoder.named_parameters())[name], atol=1e-5), name
+    assert torch.allclose(loss.memory_bank.queries, ours.memory_bank.queries, atol=1e-5)
+    assert st_run(0)[2] != pytest.approx(st_losses, rel=1e-5)  # the refresh changes training: the test can tell
+
+    unwatched = ContAccumLoss(st_model(path), memory_bank_size=8, bank_refresh_steps=1)
+    unwatched.model.train()
+    with pytest.raises(ValueError, match="needs callbacks=\\[ContAccumBankCallback"):
+        unwatched(features(unwatched.model, toy_rows(4), ["query", "positive"]))
+    with pytest.raises(ValueError, match="not banked hard negatives"):
+        ContAccumLoss(st_model(path), memory_bank_size=8, bank_refresh_steps=1, bank_hard_negatives=True)
+
+
 def test_resume_equals_uninterrupted_and_bank_stays_out_of_the_model(tmp_path, encoder_dir):
     from datasets import Dataset
 
@@ -187,6 +227,34 @@ def test_resume_equals_uninterrupted_and_bank_stays_out_of_the_model(tmp_path, e
     os.remove(tmp_path / "b" / "checkpoint-2" / "contaccum_bank_rank0.pt")
     with pytest.raises(FileNotFoundError, match="no memory bank state"):
         run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-2"))
+
+
+def test_bank_refresh_resumes_exactly(tmp_path, encoder_dir):
+    """The kept tokens travel in the checkpoint, and the resumed run refreshes at its first step (2) as the
+    uninterrupted one does."""
+    import shutil
+
+    from datasets import Dataset
+
+    path, data = encoder_dir(), Dataset.from_list(toy_rows(40))
+
+    def run(out, resume=None):
+        model = st_model(path)
+        loss = ContAccumLoss(model, memory_bank_size=12, bank_refresh_steps=2)
+        trainer = SentenceTransformerTrainer(model=model, args=_st_args(out, max_steps=4, save_strategy="steps",
+                                                                        save_steps=2, learning_rate=1e-2),
+                                             train_dataset=data, loss=loss, callbacks=[ContAccumBankCallback(loss)])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, loss
+
+    full_model, full_loss = run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed_model, resumed_loss = run(tmp_path / "b", resume=True)
+    for (name, a), (_, b) in zip(full_model.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(a, b), name
+    sa, sb = full_loss.memory_bank.state_dict(), resumed_loss.memory_bank.state_dict()
+    assert "query_token_ids" in sa and "passage_token_mask" in sa
+    assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
 
 
 def test_token_keys_identify_texts_whatever_the_padding(encoder_dir):
