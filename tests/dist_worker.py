@@ -6,9 +6,10 @@ compares against a single process on the global batch: parameters (gathered by t
 logged losses, and every rank's bank checksum.
 
 config: rows, negatives, args (ContAccumTrainingArguments overrides), and optionally
-engine ("deepspeed" or "fsdp": see force_engine_on_cpu), init (a saved BiEncoder folder to
+refresh_block (the refresh's block size), engine ("deepspeed" or "fsdp": see force_engine_on_cpu), init (a saved BiEncoder folder to
 start from; under ZeRO-3 from_pretrained partitions it while loading), resume (a checkpoint).
 """
+import functools
 import json
 import os
 import sys
@@ -54,6 +55,8 @@ def main(out_dir, config):
     ds = Dataset.from_list(toy_rows(config["rows"], config["negatives"]))
     model = BiEncoder.from_pretrained(config["init"]) if config.get("init") else tiny_model()
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    if config.get("refresh_block"):  # bank_refresh_steps: encode the bank in blocks of this many rows per process
+        trainer.refresh_bank = functools.partial(trainer.refresh_bank, block=config["refresh_block"])
     trainer.train(resume_from_checkpoint=config.get("resume"))
     bank = trainer.memory_bank
     checksum = torch.tensor([float(bank.queries.double().sum()), float(bank.passages.double().sum()),

@@ -64,13 +64,14 @@ def test_two_processes_equal_one_process_on_global_batch(tmp_path, tokenizer, gr
 
 def test_two_processes_refreshing_one_global_bank_equal_one_process(tmp_path, tokenizer):
     """bank_refresh_steps with a global bank: each process keeps every pair's tokens (gathered, of unequal
-    widths) and encodes its share of the bank; a bank of 11 (fill 4, 8, 11) makes the last share run past the
-    end, so that process encodes the last rows and keeps only its own."""
+    widths) and encodes its share of the bank, in blocks of 4 rows: a bank of 11 (fill 4, 8, 11) gives shares
+    of 6, so the second process's last block (rows 10-11) runs past the end: it encodes rows 9-10 and keeps
+    row 10. One process encodes the whole bank in one block."""
     from datasets import Dataset
 
     args = dict(CONFIG["args"], memory_bank_size=11, bank_hard_negatives=False, bank_refresh_steps=1, max_steps=5,
                 optim="sgd", learning_rate=0.5)  # SGD: parameters move by the gradient itself, not Adam's sign of round-off
-    result, params = _launch(tmp_path, dict(CONFIG, args=args))
+    result, params = _launch(tmp_path, dict(CONFIG, args=args, refresh_block=4))
     assert result["checksums"][0] == result["checksums"][1]  # refreshed alike on both ranks
     single = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "single", **dict(
         args, per_device_train_batch_size=4, use_cpu=True)), train_dataset=Dataset.from_list(
