@@ -34,11 +34,12 @@ def gather_without_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def gather_padded(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's (n, w_rank) `t` padded with zeros at the end to the widest, concatenated in rank order (no
-    autograd). The widths are read on the host: one small collective and a device read per call."""
-    width = int(gather_without_grad(torch.tensor([t.shape[1]], device=t.device)).max())
-    return gather_without_grad(torch.nn.functional.pad(t, (0, width - t.shape[1])))
+def gather_padded(*tensors: torch.Tensor) -> tuple:
+    """Every rank's (n, w_rank) tensors (all of one width) padded with zeros at the end to the widest rank's,
+    each concatenated in rank order (no autograd). The widths are read on the host: one small collective and
+    one device read per call."""
+    width = int(gather_without_grad(torch.tensor([tensors[0].shape[1]], device=tensors[0].device)).max())
+    return tuple(gather_without_grad(torch.nn.functional.pad(t, (0, width - t.shape[1]))) for t in tensors)
 
 
 def check_equal_shapes(*tensors) -> None:

@@ -282,7 +282,7 @@ class ContAccumLoss(nn.Module):
         Call before the micro-batch's forward: its backward enqueues the pairs from the bank's pointer on (a global
         bank: every process's, in rank order), so their tokens go there (gathered, padded to the widest)."""
         if self._bank_processes()[1] > 1:
-            features = {side: {key: gather_padded(t) for key, t in f.items()} for side, f in features.items()}
+            features = {side: dict(zip(f, gather_padded(*f.values()))) for side, f in features.items()}
         self.bank.write_tokens(self.bank.ptr, features)
 
     @torch.no_grad()
