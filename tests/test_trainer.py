@@ -102,16 +102,19 @@ def test_trainer_with_bank_equals_literal_contaccum(tmp_path, tokenizer, toy_dat
     assert logged == pytest.approx(expected, rel=1e-4)  # the Trainer divided by K exactly once
 
 
-def test_bank_refresh_equals_literal_contaccum_re_encoding_the_bank(tmp_path, tokenizer, toy_dataset):
+@pytest.mark.parametrize("one_tower_call", [False, True])
+def test_bank_refresh_equals_literal_contaccum_re_encoding_the_bank(tmp_path, tokenizer, toy_dataset, one_tower_call):
     """bank_refresh_steps=1: before every optimizer step each banked pair is encoded again by the current
-    encoder; against the literal loop re-encoding them one by one from their texts."""
+    encoder; against the literal loop re-encoding them one by one from their texts (the refresh goes through
+    `embed`, so one_tower_call encodes the banked queries and passages in one call too)."""
     ds = toy_dataset(n=4 * 2 * 5)
     model = tiny_model()
     reference, ref_losses = _manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 5, 1e-2, 12, 0,
                                               refresh=True)
     stale, _ = _manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 5, 1e-2, 12, 0)
     args = trainer_args(tmp_path, gradient_accumulation_steps=2, max_steps=5, memory_bank_size=12,
-                        mask_false_negatives=False, learning_rate=1e-2, bank_refresh_steps=1)
+                        mask_false_negatives=False, learning_rate=1e-2, bank_refresh_steps=1,
+                        one_tower_call=one_tower_call)
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     trainer.train()
     for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
