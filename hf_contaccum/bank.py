@@ -115,8 +115,9 @@ class MemoryBank:
             kept_mask[slots] = torch.nn.functional.pad(mask, (0, grow))
             self.tokens[side] = (kept_ids, kept_mask)
 
-    def token_features(self, rows: slice, side: str) -> dict:
-        """The kept tokens of slots `rows` as model inputs, cut to their longest text (one read of the device)."""
+    def token_features(self, rows, side: str) -> dict:
+        """The kept tokens of slots `rows` (a slice or an index) as model inputs, cut to their longest text (one
+        read of the device)."""
         ids, mask = (t[rows] for t in self.tokens[side])
         width = used_width(mask) or 1
         return {"input_ids": ids[:, :width].long(), "attention_mask": mask[:, :width].long()}

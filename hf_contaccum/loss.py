@@ -294,26 +294,32 @@ class ContAccumLoss(nn.Module):
         A global bank shared by P processes (every one holds every pair's tokens) is split in P shares: each
         process encodes its own and the vectors are gathered. All processes call the model equally often with
         equally many rows (a sharded engine gathers parameters in every call), so a share that would run past
-        the bank's end encodes the last `count` rows instead and keeps only its own."""
+        the bank's end encodes the last `count` rows instead and keeps only its own.
+
+        Each side's texts are taken shortest first (a stable sort of their lengths, the same on every process), so
+        a block pads its texts to about their own length rather than to the longest of `block` arbitrary ones."""
         bank = self.bank
         if not bank.tokens or bank.fill == 0:
             return
         rank, processes = self._bank_processes()
-        share = -(-bank.fill // processes)  # rows per process, the last share possibly shorter
+        sides = ("query", "passage")
+        slots = {side: torch.sort(bank.tokens[side][1][:bank.fill].sum(1), stable=True).indices for side in sides}
+        share = -(-bank.fill // processes)  # texts per process and side, the last share possibly shorter
         for offset in range(0, share, block):
             count = min(block, share - offset)
-            firsts = [r * share + offset for r in range(processes)]  # each process's first row of this block
-            encoded = [min(first, bank.fill - count) for first in firsts]  # the rows it encodes: [e, e + count)
-            rows = slice(encoded[rank], encoded[rank] + count)
-            queries, passages = encode({side: bank.token_features(rows, side) for side in ("query", "passage")})
+            firsts = [r * share + offset for r in range(processes)]  # each process's first text of this block
+            encoded = [min(first, bank.fill - count) for first in firsts]  # the texts it encodes: [e, e + count)
+            mine = slice(encoded[rank], encoded[rank] + count)
+            queries, passages = encode({side: bank.token_features(slots[side][mine], side) for side in sides})
             if processes > 1:
                 queries, passages = gather_without_grad(queries), gather_without_grad(passages)
             for r, (first, start) in enumerate(zip(firsts, encoded)):
-                own = max(0, min(count, bank.fill - first))  # rows of process r's share in this block
+                own = max(0, min(count, bank.fill - first))  # texts of process r's share in this block
                 part = slice(r * count + first - start, r * count + first - start + own)
                 if own:
-                    bank.queries[first:first + own] = self._prepare(queries[part]).to(bank.queries.dtype)
-                    bank.passages[first:first + own] = self._prepare(passages[part]).to(bank.passages.dtype)
+                    bank.queries[slots["query"][first:first + own]] = self._prepare(queries[part]).to(bank.queries.dtype)
+                    bank.passages[slots["passage"][first:first + own]] = self._prepare(passages[part]).to(
+                        bank.passages.dtype)
         self.bank_lse.stale = True
 
     def reset(self) -> None:
