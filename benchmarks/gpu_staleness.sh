@@ -2,7 +2,7 @@
 # Issue 14's evidence at the issue's scale, on one GPU (~7-10 minutes): N_total 128 = 8 x 16, 150 optimizer
 # steps, lr 5e-5 (the held-out task's), 3 seeds, on WordNet, Debian package search and code search, every
 # method of benchmarks/staleness.py (GradAccum, GradCache, full batch, N_mem = N_total, N_mem = 4 x N_total
-# plain / weighted / warmed up / refreshed every step). One process per (task, seed), all at once; each saves after every run, so a
+# plain / weighted / warmed up / refreshed every step or every 4). One process per (task, seed), all at once; each saves after every run, so a
 # cut-off call still returns what finished. Here, first: python benchmarks/gpu_carry.py (builds .gpu_carry/:
 # wheels, MiniLM in fp16, the two built tasks); then run(command="bash benchmarks/gpu_staleness.sh",
 # carry=[".gpu_carry/wheels", ".gpu_carry/minilm", ".gpu_carry/tasks"], timeout_s=600) (49 MiB: the test wheels
