@@ -73,11 +73,16 @@ def test_two_processes_refreshing_one_global_bank_equal_one_process(tmp_path, to
                 optim="sgd", learning_rate=0.5)  # SGD: parameters move by the gradient itself, not Adam's sign of round-off
     result, params = _launch(tmp_path, dict(CONFIG, args=args, refresh_block=4))
     assert result["checksums"][0] == result["checksums"][1]  # refreshed alike on both ranks
-    single = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "single", **dict(
-        args, per_device_train_batch_size=4, use_cpu=True)), train_dataset=Dataset.from_list(
-        toy_rows(CONFIG["rows"], CONFIG["negatives"])), processing_class=tokenizer)
-    single.train()
-    assert result["losses"] == pytest.approx([h["loss"] for h in single.state.log_history if "loss" in h], rel=1e-5)
+
+    def one_process(name, **overrides):
+        trainer = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / name, **dict(
+            args, per_device_train_batch_size=4, use_cpu=True, **overrides)), train_dataset=Dataset.from_list(
+            toy_rows(CONFIG["rows"], CONFIG["negatives"])), processing_class=tokenizer)
+        trainer.train()
+        return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    single, losses = one_process("single")
+    assert result["losses"] == pytest.approx(losses, rel=1e-5)
     for name, value in single.model.state_dict().items():
         assert torch.allclose(value, params[name], atol=1e-6), name
     bank = single.memory_bank
@@ -85,11 +90,7 @@ def test_two_processes_refreshing_one_global_bank_equal_one_process(tmp_path, to
     magnitude = float(bank.queries.double().abs().sum())
     assert result["checksums"][0][0] == pytest.approx(float(bank.queries.double().sum()), abs=1e-6 * magnitude)
     # without the refresh the same run differs: the test can tell
-    stale = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "stale", **dict(
-        args, per_device_train_batch_size=4, use_cpu=True, bank_refresh_steps=0)), train_dataset=Dataset.from_list(
-        toy_rows(CONFIG["rows"], CONFIG["negatives"])), processing_class=tokenizer)
-    stale.train()
-    assert [h["loss"] for h in stale.state.log_history if "loss" in h] != pytest.approx(result["losses"], rel=1e-5)
+    assert one_process("stale", bank_refresh_steps=0)[1] != pytest.approx(result["losses"], rel=1e-5)
 
 
 def test_uneven_dataset_is_evened_not_hung(tmp_path):
