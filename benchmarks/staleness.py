@@ -11,6 +11,7 @@ Mean +- sd over seeds of nDCG@10 and Recall@100.
     python benchmarks/staleness.py --task wordnet --n_total 32 --steps 100 --seeds 2
     python benchmarks/staleness.py ... --resume --seeds 3     # add a seed to a finished run
     bash benchmarks/gpu_staleness.sh                          # N_total 128, 3 tasks x 3 seeds on one GPU
+    python benchmarks/staleness.py ... --methods contaccum-512-query-bank-128   # a diagnostic (see diagnostics())
 
 A maximum age is not a separate setting: entries join a FIFO bank every micro-step, so the
 oldest is N_mem / N_total optimizer steps old, and a maximum age of A steps is exactly a
@@ -55,6 +56,27 @@ def methods(n_total: int, factor: int, steps: int) -> dict:
     }
 
 
+def diagnostics(n_total: int, factor: int) -> dict:
+    """Settings that explain rather than control (run only when named in --methods): the large passage bank's
+    columns with only the newest N_total banked queries as rows, which tells what the large bank costs
+    through its extra banked rows (stale queries that push the current passages) from what it costs through
+    its extra columns (more negatives per query)."""
+    k, big = n_total // N_LOCAL, factor * n_total
+    return {f"contaccum-{big}-query-bank-{n_total}": (N_LOCAL, k, n_total, big, None, 1)}
+
+
+def choose(n_total: int, factor: int, steps: int, names: str | None) -> dict:
+    """The methods to run: every staleness control, or the comma-separated `names` (diagnostics included)."""
+    chosen = methods(n_total, factor, steps)
+    if names:
+        known = {**chosen, **diagnostics(n_total, factor)}
+        unknown = [m for m in names.split(",") if m not in known]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; known at these settings: {', '.join(known)}")
+        chosen = {m: known[m] for m in names.split(",")}
+    return chosen
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(MAX_LENGTHS), default="wordnet")
@@ -68,12 +90,13 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--output", default=None, help="default benchmarks/results/staleness_<task>.json")
     parser.add_argument("--first_seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all but the diagnostics, which run only when named)")
     parser.add_argument("--merge", nargs="+", metavar=("OUTPUT", "PART"), default=None,
                         help="write OUTPUT from runs saved apart with the same settings (e.g. one process per seed)")
     args = parser.parse_args()
     if args.merge:
         return merge(args.merge[0], args.merge[1:])
+    chosen = choose(args.n_total, args.factor, args.steps, args.methods)
 
     from hf_contaccum import BiEncoder
     from hf_contaccum.evaluation import RetrievalEvaluator
@@ -90,9 +113,6 @@ def main():
         before = evaluator(BiEncoder.from_encoder(encoder_path(), normalize=True))
     print("pretrained:", json.dumps(before), flush=True)
     done = {(r["method"], r["seed"]) for r in results}
-    chosen = methods(args.n_total, args.factor, args.steps)
-    if args.methods:
-        chosen = {m: chosen[m] for m in args.methods.split(",")}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for method, layout in chosen.items():
             if (method, seed) in done:

@@ -63,6 +63,19 @@ def test_runs_made_apart_merge_into_one_table_and_other_settings_are_refused(tmp
         staleness.merge(str(tmp_path / "bad.json"), parts + [str(tmp_path / "other.json")])
 
 
+def test_staleness_runs_diagnostics_only_when_named_and_refuses_unknown_methods():
+    import staleness
+
+    every = staleness.choose(128, 4, 150, None)
+    assert "contaccum-512-query-bank-128" not in every and "contaccum-512-fresh" in every
+    named = staleness.choose(128, 4, 150, "contaccum-512-query-bank-128,gradaccum")
+    assert list(named) == ["contaccum-512-query-bank-128", "gradaccum"]
+    per_device, k, query_bank, passage_bank = named["contaccum-512-query-bank-128"][:4]
+    assert (per_device * k, query_bank, passage_bank) == (128, 128, 512)  # N_total rows, 4 x N_total columns
+    with pytest.raises(SystemExit, match="unknown.*contaccum-64"):
+        staleness.choose(128, 4, 150, "contaccum-64")
+
+
 def test_a_task_built_here_loads_on_another_machine_unchanged(tmp_path, monkeypatch):
     import gpu_carry
     from datasets import Dataset
