@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,14 @@ class ContAccumLoss(nn.Module):
             raise ValueError(
                 f"query bank ({query_bank_size}) > passage bank ({memory_bank_size}): a banked query needs its "
                 "banked positive as a column; make the passage bank at least as large")
+        if query_bank_size < memory_bank_size:
+            warnings.warn(
+                f"query bank {query_bank_size} < passage bank {memory_bank_size}: {memory_bank_size - query_bank_size} "
+                "banked passages are negatives without their queries as loss rows, so the passage side's gradient "
+                "outgrows the query side's (ContAccum paper §3.3). Measured (benchmarks/staleness.py, N_total 32, "
+                "query bank 32, passage bank 128): below plain gradient accumulation on all three real tasks, "
+                "WordNet nDCG@10 0.10 and 0.28 from 0.44 pretrained. Use equal sizes unless this is an ablation.",
+                stacklevel=3)
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         if not temperature > 0:

@@ -1,4 +1,6 @@
 """The loss against a literal implementation of the paper's equations (5-9)."""
+import warnings
+
 import pytest
 import torch
 from reference import naive_contaccum_loss
@@ -92,6 +94,11 @@ def test_bad_configuration_errors():
         ContAccumLoss(4, query_bank_size=-1)
     with pytest.raises(ValueError, match="passage bank at least as large"):
         ContAccumLoss(4, query_bank_size=8)
+    with pytest.warns(UserWarning, match="4 banked passages are negatives without their queries"):
+        ContAccumLoss(8, query_bank_size=4)  # allowed, as an ablation (0: pre-batch negatives), with the measurement
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ContAccumLoss(8), ContAccumLoss(0)  # equal banks, or none: nothing to warn about
     with pytest.raises(ValueError, match="similarity"):
         ContAccumLoss(0, similarity="l2")
     with pytest.raises(ValueError, match=r"smaller than one micro-batch of 8 pairs.*memory_bank_size >= 8"):

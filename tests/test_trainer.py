@@ -219,8 +219,6 @@ def test_negative_bank_size_is_refused(tmp_path):
         trainer_args(tmp_path, memory_bank_size=-1)
     with pytest.raises(ValueError, match="raise passage_memory_bank_size"):
         trainer_args(tmp_path, memory_bank_size=4, query_memory_bank_size=8)
-    with pytest.warns(UserWarning, match="gradient norm"):
-        trainer_args(tmp_path, memory_bank_size=8, query_memory_bank_size=0)
 
 
 def test_nan_loss_stops_with_message(tmp_path, tokenizer, toy_dataset):
