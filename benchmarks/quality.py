@@ -58,6 +58,26 @@ def encoder_path() -> str:
     return os.environ.get("CONTACCUM_BENCH_ENCODER") or default_encoder_path()
 
 
+# an encoder with no pretraining at all (MiniLM's tokenizer and vocabulary, random weights): where the paper's
+# raw-LM regime is out of reach offline, the other end from a contrastively trained MiniLM
+SCRATCH = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024}
+
+
+def build_model(encoder: str = "minilm"):
+    """The pretrained MiniLM ("minilm"), or a randomly initialised encoder ("scratch": SCRATCH's shape; draw from
+    torch's global RNG, so seed it first)."""
+    from hf_contaccum import BiEncoder
+
+    if encoder == "minilm":
+        return BiEncoder.from_encoder(encoder_path(), normalize=True)
+    from transformers import AutoTokenizer, BertConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path())
+    model = BiEncoder.from_encoder_config(BertConfig(vocab_size=tokenizer.vocab_size, **SCRATCH), normalize=True)
+    model.tokenizer = tokenizer
+    return model
+
+
 def load_task(task, eval_queries, corpus_size):
     carried = os.path.join(os.environ.get("CONTACCUM_BENCH_TASKS", ""), f"{task}.json.gz")
     if os.environ.get("CONTACCUM_BENCH_TASKS") and os.path.exists(carried):  # built on another machine
@@ -77,13 +97,13 @@ def load_task(task, eval_queries, corpus_size):
     return load_wordnet_sample(max_eval_queries=eval_queries, max_corpus=corpus_size)
 
 
-def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output_dir, max_lengths):
-    from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments
+def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output_dir, max_lengths, encoder="minilm"):
+    from hf_contaccum import ContAccumTrainer, ContAccumTrainingArguments
 
     per_device, k, qbank, pbank, chunk, _, *more = layout  # optional 7th: further training arguments
     more = dict(more[0]) if more else {}
     torch.manual_seed(seed)
-    model = BiEncoder.from_encoder(encoder_path(), normalize=True)
+    model = build_model(encoder)
     args = ContAccumTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=k,
         max_steps=steps, learning_rate=lr, warmup_steps=0.1, max_grad_norm=2.0, seed=seed, data_seed=seed,

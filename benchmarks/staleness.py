@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import (
     MAX_LENGTHS,
     N_LOCAL,
-    encoder_path,
+    build_model,
     load_runs,
     load_task,
     save,
@@ -91,6 +91,8 @@ def main():
     parser.add_argument("--output", default=None, help="default benchmarks/results/staleness_<task>.json")
     parser.add_argument("--first_seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all but the diagnostics, which run only when named)")
+    parser.add_argument("--encoder", choices=("minilm", "scratch"), default="minilm",
+                        help="scratch: a randomly initialised 4-layer encoder, no pretraining (quality.SCRATCH)")
     parser.add_argument("--merge", nargs="+", metavar=("OUTPUT", "PART"), default=None,
                         help="write OUTPUT from runs saved apart with the same settings (e.g. one process per seed)")
     args = parser.parse_args()
@@ -98,7 +100,8 @@ def main():
         return merge(args.merge[0], args.merge[1:])
     chosen = choose(args.n_total, args.factor, args.steps, args.methods)
 
-    from hf_contaccum import BiEncoder
+    import torch
+
     from hf_contaccum.evaluation import RetrievalEvaluator
 
     path = args.output or f"benchmarks/results/staleness_{args.task}.json"
@@ -108,9 +111,12 @@ def main():
                                    passage_max_length=max_lengths[1], show_progress=False)
     config = {"task": args.task, "n_total": args.n_total, "bank": args.factor * args.n_total, "steps": args.steps,
               "seeds": args.seeds, "lr": args.lr, "eval_queries": len(evaluator.queries), "corpus": len(corpus)}
+    if args.encoder != "minilm":  # (absent: the pretrained MiniLM, as every earlier result file)
+        config["encoder"] = args.encoder
     results, before = load_runs(path, config) if args.resume and os.path.exists(path) else ([], None)
     if before is None:
-        before = evaluator(BiEncoder.from_encoder(encoder_path(), normalize=True))
+        torch.manual_seed(args.first_seed)  # a scratch encoder's "before" is the first seed's initialisation
+        before = evaluator(build_model(args.encoder))
     print("pretrained:", json.dumps(before), flush=True)
     done = {(r["method"], r["seed"]) for r in results}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -118,8 +124,7 @@ def main():
             if (method, seed) in done:
                 continue
             r = train_and_evaluate(method, layout, seed, args.steps, evaluator, train, args.lr,
-                                   f"/tmp/staleness_run_{os.getpid()}",
-                                   max_lengths)
+                                   f"/tmp/staleness_run_{os.getpid()}", max_lengths, args.encoder)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "grad_norm_ratio"}), flush=True)
             save(path, config, before, results)
