@@ -12,6 +12,7 @@ Mean +- sd over seeds of nDCG@10 and Recall@100.
     python benchmarks/staleness.py ... --resume --seeds 3     # add a seed to a finished run
     bash benchmarks/gpu_staleness.sh                          # N_total 128, 3 tasks x 3 seeds on one GPU
     python benchmarks/staleness.py ... --methods contaccum-512-query-bank-128   # a diagnostic (see diagnostics())
+    python benchmarks/staleness.py --encoder scratch --n_total 32 --steps 300 --lr 5e-4   # no pretraining at all
 
 A maximum age is not a separate setting: entries join a FIFO bank every micro-step, so the
 oldest is N_mem / N_total optimizer steps old, and a maximum age of A steps is exactly a
