@@ -116,11 +116,17 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the pre-batch ablation warns about gradient-norm imbalance, by design
         trainer = ContAccumTrainer(model=model, args=args, train_dataset=train, processing_class=model.tokenizer)
-    trainer.train()
+    from hf_contaccum import EmbeddingCollapseError
+
+    stopped = {}
+    try:
+        trainer.train()
+    except EmbeddingCollapseError:  # the guard stopped it: a result too (the model as it was when stopped)
+        stopped = {"collapse_guard_stopped_at_step": trainer.state.global_step}
     metrics = evaluator(model)
     ratios = [h["grad_norm_ratio"] for h in trainer.state.log_history if "grad_norm_ratio" in h]
     return {"method": method, "seed": seed, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"],
-            "grad_norm_ratio": ratios}
+            "grad_norm_ratio": ratios, **stopped}
 
 
 def plot(table, results, sweep_methods, bank_sizes, main_method, path):

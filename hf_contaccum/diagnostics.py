@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 COLLAPSE_SPREAD = 1e-4  # total variance of unit vectors below which a batch counts as collapsed (random: ~1)
+# A collapse in which the vectors still differ a little (measured: an encoder trained from scratch, whose loss
+# returned to the log of its candidates and stayed there, its spread above COLLAPSE_SPREAD): the loss over its
+# value when every candidate scores the same, above this for a step, after it had once been below LEARNED_LOSS.
+UNIFORM_LOSS = 0.99
+LEARNED_LOSS = 0.9
 
 
 class EmbeddingCollapseError(RuntimeError):
@@ -21,20 +26,23 @@ class TrainingDiagnostics:
         self._sums: dict = {}  # logging statistics, since the last log line
         self._window: dict = {}  # collapse statistics, since the last optimizer step
         self._collapsed_steps = 0
+        self._lowest_loss_ratio = float("inf")  # the lowest step mean of loss / uniform loss so far
 
     def _add(self, store: dict, key: str, value) -> None:
         store[key] = store.get(key, 0) + value
 
-    def micro_batch(self, num_columns: int, queries, positives) -> None:
-        """One training micro-batch: its candidates per query and how far apart its vectors are."""
+    def micro_batch(self, stats, queries, positives, loss) -> None:
+        """One training micro-batch (stats: its LossStats): its candidates per query, how far apart its vectors
+        are, and how far its loss is below the loss of scores that say nothing."""
         self._add(self._sums, "micro_batches", 1)
-        self._add(self._sums, "negatives", num_columns - 1)
-        if queries.shape[0] < 2:
+        self._add(self._sums, "negatives", stats.num_columns - 1)
+        if queries.shape[0] < 2 or stats.uniform_loss <= 0:
             return
         with torch.no_grad():  # total variance of the unit vectors: 0 when every vector is the same
             spread = torch.minimum(*(F.normalize(t.detach().float(), dim=-1).var(0, unbiased=False).sum()
                                      for t in (queries, positives)))
         self._add(self._window, "spread", spread)
+        self._add(self._window, "loss_ratio", loss.detach().float() / stats.uniform_loss)
         self._add(self._window, "micro_batches", 1)
 
     def _add_ratio(self, key: str, query_norm, passage_norm) -> None:
@@ -67,18 +75,26 @@ class TrainingDiagnostics:
             t.register_hook(hook(index))
 
     def check_collapse(self, patience: int, threshold: float = COLLAPSE_SPREAD) -> None:
-        """Call once per optimizer step: raises when the embeddings have been collapsed (every vector the
-        same, so the loss sits at the log of the number of candidates) for `patience` steps in a row."""
+        """Call once per optimizer step: raises when the embeddings have been collapsed for `patience` steps in a
+        row: every vector the same (spread below `threshold`), or, once the run had learned something, a loss back
+        at the log of the number of candidates (every candidate scored alike). A run that has not yet left that
+        loss (an encoder from scratch, early on) is not stopped."""
         window, self._window = self._window, {}
         if patience <= 0 or not window.get("micro_batches"):
             return
-        spread = float(window["spread"]) / window["micro_batches"]  # one host sync per optimizer step
-        self._collapsed_steps = self._collapsed_steps + 1 if spread < threshold else 0
+        spread, ratio = (float(window[key]) / window["micro_batches"] for key in ("spread", "loss_ratio"))
+        uniform = ratio > UNIFORM_LOSS and self._lowest_loss_ratio < LEARNED_LOSS
+        self._lowest_loss_ratio = min(self._lowest_loss_ratio, ratio)
+        self._collapsed_steps = self._collapsed_steps + 1 if spread < threshold or uniform else 0
         if self._collapsed_steps >= patience:
+            what = (f"every query and passage vector was the same (spread {spread:.2e} < {threshold:g})"
+                    if spread < threshold else
+                    f"the loss was {ratio:.3f} x its value when every candidate scores the same, after it had been "
+                    f"{self._lowest_loss_ratio:.3f} x (the vectors differ by so little that no passage stands out)")
             raise EmbeddingCollapseError(
-                f"the embeddings have collapsed: for {self._collapsed_steps} optimizer steps every query and passage "
-                f"vector was the same (spread {spread:.2e} < {threshold:g}), so the loss sits at the log of the "
-                "number of candidates and nothing is learned. Stopped before saving a collapsed checkpoint. Usual "
+                f"the embeddings have collapsed: for {self._collapsed_steps} optimizer steps {what}, so the loss "
+                "sits at the log of the number of candidates and nothing is learned. Stopped before saving a "
+                "collapsed checkpoint. Usual "
                 "causes and fixes: a passage-only bank (query_memory_bank_size=0) or a bank much larger than one "
                 "optimizer step (use memory_bank_size about per_device_train_batch_size x "
                 "gradient_accumulation_steps), a learning rate too high (lower it, add warm-up), a temperature too "

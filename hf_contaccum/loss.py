@@ -45,6 +45,7 @@ BANK_FILE = "contaccum_bank_rank{rank}.pt"
 class LossStats:
     num_rows: int  # loss rows: current queries + banked queries
     num_columns: int  # candidate passages per row (negatives per query = this - 1)
+    uniform_loss: float  # the loss if every candidate scored the same: log of the candidates (banked ones count w)
 
 
 def _nonfinite_loss_error(value: float | None = None) -> FloatingPointError:
@@ -177,7 +178,7 @@ class ContAccumLoss(nn.Module):
             raise _nonfinite_loss_error(loss.item())
         self.last_stats = stats
         if training:
-            self.diagnostics.micro_batch(stats.num_columns, queries, positives)
+            self.diagnostics.micro_batch(stats, queries, positives, loss)
             entry = (q_bank, p_all.detach(), pk_all, None if hn_all is None else hn_all.detach(), hk_all)
             self._enqueue_after_backward(bank_readers, entry)
         return loss
@@ -240,7 +241,8 @@ class ContAccumLoss(nn.Module):
                 total = total + weight * (lse - target).sum()
                 num_rows += weight * num_bank_rows
             counted += total_bank_rows
-        stats = LossStats(counted, logits.shape[1])
+        num_banked = logits.shape[1] - cur_cols.shape[0]
+        stats = LossStats(counted, logits.shape[1], math.log(cur_cols.shape[0] + self.bank_weight * num_banked))
         # num_rows is the weighted count the mean divides by (= counted with bank_weight 1)
         # q @ banked columns saved the banked passages (for q's gradient); banked rows @ current columns
         # saved the banked queries (for the columns' gradient): once both gradients exist, the bank is free.

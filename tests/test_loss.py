@@ -247,3 +247,31 @@ def test_a_training_micro_step_makes_no_host_sync(similarity, bank_hn, query_ban
     assert recorder.seen == [], sorted(set(recorder.seen))
     loss_fn.check_finite()  # the one read per optimizer step
     assert loss_fn.bank.num_enqueued == 80
+
+
+def _collapse_step(loss_fn, queries, positives, patience):
+    loss_fn(queries.requires_grad_(), positives, torch.arange(len(queries))).backward()
+    loss_fn.check_collapse(patience)
+
+
+def test_collapse_guard_catches_a_loss_back_at_uniform_once_the_run_had_learned():
+    """The collapse measured from scratch: vectors that still differ (spread above the guard's threshold) but
+    score every candidate alike, after the run had learned; a run that never left that loss is not stopped."""
+    from hf_contaccum import EmbeddingCollapseError
+
+    torch.manual_seed(0)
+    common = torch.randn(1, 16)
+
+    def alike():  # cos ~0.9999 between any two: spread ~1e-3, above the every-vector-the-same threshold
+        return common + 0.05 * torch.randn(8, 16)
+
+    never_learned = ContAccumLoss(0, 1.0, "cos")
+    for _ in range(5):
+        _collapse_step(never_learned, alike(), alike(), patience=3)  # at uniform from the start: not stopped
+    loss_fn = ContAccumLoss(0, 1.0, "cos")  # no bank: every step's loss is its own vectors'
+    distinct = torch.eye(16)[:8] * 5
+    _collapse_step(loss_fn, distinct.clone(), distinct.clone(), patience=3)  # learned: well below uniform
+    for _ in range(2):
+        _collapse_step(loss_fn, alike(), alike(), patience=3)
+    with pytest.raises(EmbeddingCollapseError, match=r"for 3 optimizer steps the loss was [01]\.\d{3} x .* after it had"):
+        _collapse_step(loss_fn, alike(), alike(), patience=3)
