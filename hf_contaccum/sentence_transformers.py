@@ -79,7 +79,8 @@ class ContAccumLoss(nn.Module):
         mask_false_negatives: a candidate with the same tokens as the anchor's positive is never its
             negative (in the batch or the bank).
         collapse_patience: with ContAccumBankCallback, stop with an error once every embedding has been the same
-            vector for this many optimizer steps (0: off).
+            vector, or the loss back at the log of the candidates after the run had learned, for this many
+            optimizer steps (0: off).
         bank_weight: staleness control in (0, 1]: each banked entry counts this many times (1: the paper).
         bank_warmup_steps: with ContAccumBankCallback, fill the bank without reading it for this many
             optimizer steps (XBM's warm-up).

@@ -60,9 +60,9 @@ class ContAccumTrainingArguments(TrainingArguments):
         "the cached vector gradients. Exact large local batches at one chunk's activation memory, for a second "
         "forward pass. Combines with memory_bank_size (the hybrid).")})
     collapse_patience: int = field(default=10, metadata={"help": (
-        "Stop with an error naming causes and fixes when every embedding has been the same vector (collapse: "
-        "the loss sits at the log of the number of candidates) for this many optimizer steps in a row; checked "
-        "before the step's checkpoint is saved. 0 turns the check off.")})
+        "Stop with an error naming causes and fixes when every embedding has been the same vector, or the loss "
+        "has been back at the log of the number of candidates after the run had learned (collapse), for this many "
+        "optimizer steps in a row; checked before the step's checkpoint is saved. 0 turns the check off.")})
     tokenize_once: bool = field(default=True, metadata={"help": (
         "Tokenise a datasets.Dataset once before training (datasets.map, cached for file-backed data), so that "
         "each micro-batch is only padded; False tokenises every batch in the collator. Streams always are.")})
