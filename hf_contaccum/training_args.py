@@ -46,7 +46,8 @@ class ContAccumTrainingArguments(TrainingArguments):
         "Staleness control: every N optimizer steps, encode every banked pair again with the current encoder (no "
         "gradient) before the step, so no banked vector is older than N steps (ANCE's periodic refresh; 0 = off, "
         "the paper). Costs 2 x N_mem forward passes per refresh (split between the processes sharing a global "
-        "bank) and keeps the banked texts' token ids; not with bank_hard_negatives.")})
+        "bank) and keeps the banked texts' token ids; not with bank_hard_negatives. Measured: an encoder trained "
+        "from scratch (lr 5e-4) collapsed with every stale bank and learned with a refresh every step (README).")})
     mask_false_negatives: bool = field(default=True, metadata={"help": (
         "Never use a passage as a negative of a query it is relevant to: columns with the same passage id "
         "(column positive_id) or, without ids, the same text as the row's positive are masked.")})
