@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a worker process that crashes (e.g. SIGSEGV) prints its Python stack
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (set before its first use)
 
 # Trainer tests run where users train: on the GPU when there is one, on the CPU otherwise
