@@ -30,19 +30,21 @@ def main():
     from hf_contaccum.sample_data import load_wordnet_sample
 
     train = load_wordnet_sample(max_eval_queries=500, max_corpus=3000)[0]
-    passages, ids = train["positive"], train["positive_id"]
+    ids = train["positive_id"]
+    lemmas_of = [lemmas(passage) for passage in train["positive"]]
     pairs_with = defaultdict(set)
-    for i, passage in enumerate(passages):
-        for lemma in lemmas(passage):
+    for i, pair_lemmas in enumerate(lemmas_of):
+        for lemma in pair_lemmas:
             pairs_with[lemma].add(i)
-    related = [sum(ids[j] != ids[i] for j in set().union(*(pairs_with[x] for x in lemmas(p))))
-               for i, p in enumerate(passages)]
-    duplicates = [sum(ids[j] == ids[i] for j in set().union(*(pairs_with[x] for x in lemmas(p)))) - 1
-                  for i, p in enumerate(passages)]
-    n = len(passages)
-    per_column = sum(related) / n / (n - 1)
+    related = duplicates = 0  # over every pair: other pairs sharing a lemma with it, with another text / the same
+    for i, pair_lemmas in enumerate(lemmas_of):
+        sharing = set().union(*(pairs_with[lemma] for lemma in pair_lemmas)) - {i}
+        same = sum(ids[j] == ids[i] for j in sharing)
+        duplicates, related = duplicates + same, related + len(sharing) - same
+    n = len(ids)
+    per_column = related / n / (n - 1)
     result = {"pairs": n, "share a lemma, other text (per other pair)": per_column,
-              "same text, masked (per other pair)": sum(duplicates) / n / (n - 1),
+              "same text, masked (per other pair)": duplicates / n / (n - 1),
               "expected unmasked near-duplicates per row": {name: c * per_column for name, c in COLUMNS.items()}}
     print(json.dumps(result, indent=1))
     print("wrote", write_result(result, None, "false_negatives_wordnet.json"))
