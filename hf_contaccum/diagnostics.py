@@ -15,6 +15,12 @@ COLLAPSE_SPREAD = 1e-4  # total variance of unit vectors below which a batch cou
 # value when every candidate scores the same, above this for a step, after it had once been below LEARNED_LOSS.
 UNIFORM_LOSS = 0.99
 LEARNED_LOSS = 0.9
+# A run that reads the memory bank and never leaves the uniform loss (measured: an encoder from scratch with a stale
+# bank at lr 1e-4 never went below 0.93 x and stayed above UNIFORM_LOSS from about step 60 of 300, where gradient
+# accumulation left it within 3 steps; no healthy run of ours stayed above UNIFORM_LOSS for more than 3 steps in a
+# row) is stopped after this many times the patience: slower than a collapse after learning, since a run may start
+# at the uniform loss. On that run the guard stopped at step 114.
+STUCK_PATIENCE_FACTOR = 5
 
 
 class EmbeddingCollapseError(RuntimeError):
@@ -26,6 +32,7 @@ class TrainingDiagnostics:
         self._sums: dict = {}  # logging statistics, since the last log line
         self._window: dict = {}  # collapse statistics, since the last optimizer step
         self._collapsed_steps = 0
+        self._stuck_steps = 0  # steps in a row at the uniform loss while reading the bank
         self._lowest_loss_ratio = float("inf")  # the lowest step mean of loss / uniform loss so far
 
     def _add(self, store: dict, key: str, value) -> None:
@@ -44,6 +51,7 @@ class TrainingDiagnostics:
         self._add(self._window, "spread", spread)
         self._add(self._window, "loss_ratio", loss.detach().float() / stats.uniform_loss)
         self._add(self._window, "micro_batches", 1)
+        self._add(self._window, "bank_read", int(stats.banked_columns > 0))
 
     def _add_ratio(self, key: str, query_norm, passage_norm) -> None:
         ok = query_norm > 0
@@ -78,28 +86,42 @@ class TrainingDiagnostics:
         """Call once per optimizer step: raises when the embeddings have been collapsed for `patience` steps in a
         row: every vector the same (spread below `threshold`), or, once the run had learned something, a loss back
         at the log of the number of candidates (every candidate scored alike). A run that has not yet left that
-        loss (an encoder from scratch, early on) is not stopped."""
+        loss (an encoder from scratch, early on) is stopped only if it reads the memory bank at every micro-batch
+        and stays there for STUCK_PATIENCE_FACTOR x `patience` steps (stuck)."""
         window, self._window = self._window, {}
         if patience <= 0 or not window.get("micro_batches"):
             return
         spread, ratio = (float(window[key]) / window["micro_batches"] for key in ("spread", "loss_ratio"))
-        uniform = ratio > UNIFORM_LOSS and self._lowest_loss_ratio < LEARNED_LOSS
+        at_uniform = ratio > UNIFORM_LOSS
+        uniform = at_uniform and self._lowest_loss_ratio < LEARNED_LOSS
         self._lowest_loss_ratio = min(self._lowest_loss_ratio, ratio)
         self._collapsed_steps = self._collapsed_steps + 1 if spread < threshold or uniform else 0
+        stuck = at_uniform and window["bank_read"] == window["micro_batches"]
+        self._stuck_steps = self._stuck_steps + 1 if stuck else 0
         if self._collapsed_steps >= patience:
+            steps = self._collapsed_steps
             what = (f"every query and passage vector was the same (spread {spread:.2e} < {threshold:g})"
                     if spread < threshold else
                     f"the loss was {ratio:.3f} x its value when every candidate scores the same, after it had been "
                     f"{self._lowest_loss_ratio:.3f} x (the vectors differ by so little that no passage stands out)")
-            raise EmbeddingCollapseError(
-                f"the embeddings have collapsed: for {self._collapsed_steps} optimizer steps {what}, so the loss "
-                "sits at the log of the number of candidates and nothing is learned. Stopped before saving a "
-                "collapsed checkpoint. Usual "
-                "causes and fixes: a passage-only bank (query_memory_bank_size=0) or a bank much larger than one "
-                "optimizer step (use memory_bank_size about per_device_train_batch_size x "
-                "gradient_accumulation_steps), a learning rate too high (lower it, add warm-up), a temperature too "
-                "low for dot product (use similarity='cos' with temperature 0.05). collapse_patience=0 turns this "
-                "check off.")
+        elif self._stuck_steps >= STUCK_PATIENCE_FACTOR * patience:
+            steps = self._stuck_steps
+            what = (f"the loss was {ratio:.3f} x its value when every candidate scores the same while reading the "
+                    f"memory bank, and never below {self._lowest_loss_ratio:.3f} x: the bank keeps every vector "
+                    "from separating (measured from scratch, where gradient accumulation left that loss within 3 "
+                    "steps)")
+        else:
+            return
+        raise EmbeddingCollapseError(
+            f"the embeddings have collapsed: for {steps} optimizer steps {what}, so the loss sits at the log "
+            "of the number of candidates and nothing is learned. Stopped before saving a collapsed checkpoint. "
+            "Usual causes and fixes: an encoder that moves fast against a stale bank (from scratch, random "
+            "weights, a high learning rate: set bank_refresh_steps=1, or use GradCache: memory_bank_size=0 with "
+            "gradcache_chunk_size), a passage-only bank (query_memory_bank_size=0) or a bank much larger than "
+            "one optimizer step (use memory_bank_size about per_device_train_batch_size x "
+            "gradient_accumulation_steps), a learning rate too high (lower it, add warm-up), a temperature too "
+            "low for dot product (use similarity='cos' with temperature 0.05). collapse_patience=0 turns this "
+            "check off.")
 
     def pop(self, bank_fill: int) -> dict:
         """Means since the last call, for a log line: negatives per query, the GradNormRatios; the bank fill."""

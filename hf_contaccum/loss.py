@@ -46,6 +46,7 @@ class LossStats:
     num_rows: int  # loss rows: current queries + banked queries
     num_columns: int  # candidate passages per row (negatives per query = this - 1)
     uniform_loss: float  # the loss if every candidate scored the same: log of the candidates (banked ones count w)
+    banked_columns: int = 0  # candidates read from the memory bank
 
 
 def _nonfinite_loss_error(value: float | None = None) -> FloatingPointError:
@@ -242,7 +243,7 @@ class ContAccumLoss(nn.Module):
                 num_rows += weight * num_bank_rows
             counted += total_bank_rows
         num_banked = logits.shape[1] - cur_cols.shape[0]
-        stats = LossStats(counted, logits.shape[1], math.log(cur_cols.shape[0] + self.bank_weight * num_banked))
+        stats = LossStats(counted, logits.shape[1], math.log(cur_cols.shape[0] + self.bank_weight * num_banked), num_banked)
         # num_rows is the weighted count the mean divides by (= counted with bank_weight 1)
         # q @ banked columns saved the banked passages (for q's gradient); banked rows @ current columns
         # saved the banked queries (for the columns' gradient): once both gradients exist, the bank is free.

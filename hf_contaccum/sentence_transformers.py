@@ -80,7 +80,7 @@ class ContAccumLoss(nn.Module):
             negative (in the batch or the bank).
         collapse_patience: with ContAccumBankCallback, stop with an error once every embedding has been the same
             vector, or the loss back at the log of the candidates after the run had learned, for this many
-            optimizer steps (0: off).
+            optimizer steps, or never off that value while reading the bank for 5 x this many (0: off).
         bank_weight: staleness control in (0, 1]: each banked entry counts this many times (1: the paper).
         bank_warmup_steps: with ContAccumBankCallback, fill the bank without reading it for this many
             optimizer steps (XBM's warm-up).

@@ -63,7 +63,8 @@ class ContAccumTrainingArguments(TrainingArguments):
     collapse_patience: int = field(default=10, metadata={"help": (
         "Stop with an error naming causes and fixes when every embedding has been the same vector, or the loss "
         "has been back at the log of the number of candidates after the run had learned (collapse), for this many "
-        "optimizer steps in a row; checked before the step's checkpoint is saved. 0 turns the check off.")})
+        "optimizer steps in a row, or has never left that value while reading the memory bank for 5 x this many "
+        "(stuck); checked before the step's checkpoint is saved. 0 turns the check off.")})
     tokenize_once: bool = field(default=True, metadata={"help": (
         "Tokenise a datasets.Dataset once before training (datasets.map, cached for file-backed data), so that "
         "each micro-batch is only padded; False tokenises every batch in the collator. Streams always are.")})

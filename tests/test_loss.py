@@ -275,3 +275,36 @@ def test_collapse_guard_catches_a_loss_back_at_uniform_once_the_run_had_learned(
         _collapse_step(loss_fn, alike(), alike(), patience=3)
     with pytest.raises(EmbeddingCollapseError, match=r"for 3 optimizer steps the loss was [01]\.\d{3} x .* after it had"):
         _collapse_step(loss_fn, alike(), alike(), patience=3)
+
+
+def test_collapse_guard_stops_a_bank_run_that_never_leaves_the_uniform_loss():
+    """The from-scratch failure at lr 1e-4: with a bank, the loss never left the log of its candidates. Stopped after
+    5 x patience steps of it while reading the bank; the same vectors without a bank are not stopped (a run may
+    start at the uniform loss), nor is a bank run whose loss is below it."""
+    from hf_contaccum import EmbeddingCollapseError
+
+    torch.manual_seed(0)
+    common = torch.randn(1, 16)
+
+    def alike():
+        return common + 0.05 * torch.randn(8, 16)
+
+    no_bank = ContAccumLoss(0, 1.0, "cos")
+    learning = ContAccumLoss(8, 0.05, "cos")
+    distinct = torch.eye(16)[:8]
+    for _ in range(12):
+        _collapse_step(no_bank, alike(), alike(), patience=2)
+        _collapse_step(learning, distinct.clone(), distinct.clone(), patience=2)
+    stuck = ContAccumLoss(8, 1.0, "cos")
+    steps = [torch.arange(8) + 8 * step for step in range(11)]  # new passages each step: none masked as a duplicate
+    _stuck_step(stuck, alike(), alike(), steps[0])  # the bank is empty: not counted
+    for keys in steps[1:10]:
+        _stuck_step(stuck, alike(), alike(), keys)
+    with pytest.raises(EmbeddingCollapseError, match=r"for 10 optimizer steps .* while reading the memory bank.*"
+                                                     r"bank_refresh_steps=1"):
+        _stuck_step(stuck, alike(), alike(), steps[10])
+
+
+def _stuck_step(loss_fn, queries, positives, keys):
+    loss_fn(queries.requires_grad_(), positives, keys).backward()
+    loss_fn.check_collapse(2)
