@@ -11,10 +11,14 @@ with the same passages encoded now, as a current query sees them:
                negatives a bank supplies): how far a stale negative's logit is from the true one
   spread       the standard deviation of a query's logits over the other probe passages (fresh): the scale on
                which negatives are told apart; error / spread is the staleness in that scale
+  shift        the signed mean of the same differences, q_now . (p_then - p_now) / tau: below 0 when every
+               stale negative scores lower than its current self, i.e. the encoder has moved its current vectors
+               away from where the banked ones sit, which lowers the loss without telling passages apart
   dropout      the same logit error between two train-mode encodings of the probe by the final encoder: the
                noise every vector in a training step carries anyway (current rows and columns included)
 
     python benchmarks/bank_drift.py --task wordnet        # ~10 min on 2 CPU cores
+    python benchmarks/bank_drift.py --encoder scratch --n_total 32 --lr 1e-4 --steps 300   # where a bank fails
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import device, write_result
-from quality import MAX_LENGTHS, encoder_path, load_task
+from quality import MAX_LENGTHS, build_model, load_task
 
 AGES = (1, 2, 4, 8, 16)
 
@@ -43,13 +47,15 @@ def drift(history: list, age: int, temperature: float, steps: slice) -> dict:
         error = (q_now @ (p_then - p_now).T).abs() / temperature
         fresh = q_now @ p_now.T / temperature
         off_diagonal = ~torch.eye(len(q_now), dtype=torch.bool)
+        shift = q_now @ (p_then - p_now).T / temperature
         rows.append((F.cosine_similarity(p_then, p_now).mean().item(), error[off_diagonal].mean().item(),
-                     fresh.masked_select(off_diagonal).view(len(q_now), -1).std(1).mean().item()))
+                     fresh.masked_select(off_diagonal).view(len(q_now), -1).std(1).mean().item(),
+                     shift[off_diagonal].mean().item()))
     if not rows:
         return {}
-    cos, error, spread = (statistics.mean(r[i] for r in rows) for i in range(3))
+    cos, error, spread, shift = (statistics.mean(r[i] for r in rows) for i in range(4))
     return {"age": age, "pairs": len(rows), "cos": cos, "logit_error": error, "spread": spread,
-            "error_over_spread": error / spread}
+            "error_over_spread": error / spread, "shift": shift, "shift_over_spread": shift / spread}
 
 
 def main():
@@ -60,18 +66,21 @@ def main():
     parser.add_argument("--n_total", type=int, default=128)
     parser.add_argument("--probe", type=int, default=256, help="training pairs encoded after every step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--encoder", choices=("minilm", "scratch"), default="minilm",
+                        help="scratch: the randomly initialised encoder of staleness.py --encoder scratch")
+    parser.add_argument("--bank", default="auto", help='memory_bank_size ("auto" = N_total; 0: gradient accumulation)')
     parser.add_argument("--output", default=None, help="default benchmarks/results/bank_drift_<task>.json")
     args = parser.parse_args()
 
     from transformers import TrainerCallback
 
-    from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments
+    from hf_contaccum import ContAccumTrainer, ContAccumTrainingArguments
 
     temperature, max_lengths = 0.05, MAX_LENGTHS[args.task]
     train, *_ = load_task(args.task, 10, 100)
     probe = train.shuffle(seed=1234).select(range(args.probe))
     torch.manual_seed(args.seed)
-    model = BiEncoder.from_encoder(encoder_path(), normalize=True)
+    model = build_model(args.encoder)
     history = []
 
     class Probe(TrainerCallback):
@@ -87,9 +96,9 @@ def main():
     targs = ContAccumTrainingArguments(
         output_dir="/tmp/bank_drift", per_device_train_batch_size=8, gradient_accumulation_steps=args.n_total // 8,
         max_steps=args.steps, learning_rate=args.lr, warmup_steps=0.1, max_grad_norm=2.0, seed=args.seed,
-        data_seed=args.seed, memory_bank_size="auto", similarity="cos", temperature=temperature,
+        data_seed=args.seed, memory_bank_size=args.bank if args.bank == "auto" else int(args.bank), similarity="cos", temperature=temperature,
         query_max_length=max_lengths[0], passage_max_length=max_lengths[1], logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=device() == "cpu", disable_tqdm=True)
+        report_to="none", use_cpu=device() == "cpu", disable_tqdm=True, collapse_patience=0)  # watch it, whatever
     trainer = ContAccumTrainer(model=model, args=targs, train_dataset=train, processing_class=model.tokenizer,
                                callbacks=[Probe()])
     trainer.train()
@@ -102,19 +111,28 @@ def main():
     off_diagonal = ~torch.eye(args.probe, dtype=torch.bool)
     dropout = ((history[-1][0] @ (draws[0] - draws[1]).T).abs() / temperature)[off_diagonal].mean().item()
     half = len(history) // 2
+    per_step = [drift(history, 1, temperature, slice(t, t + 1)) for t in range(1, len(history))]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {"task": args.task, "steps": args.steps, "lr": args.lr, "n_total": args.n_total, "probe": args.probe,
+              "encoder": args.encoder, "bank": args.bank,
               "temperature": temperature, "seed": args.seed, "dropout_logit_error": dropout,
               "dropout_cos": F.cosine_similarity(draws[0], draws[1]).mean().item(),
               "all_steps": [drift(history, a, temperature, slice(None)) for a in AGES],
-              "second_half": [drift(history, a, temperature, slice(half, None)) for a in AGES]}
-    print(f"{'age (steps)':>12}{'cos':>8}{'logit error':>13}{'spread':>8}{'error/spread':>14}   (all steps; second half)")
+              "second_half": [drift(history, a, temperature, slice(half, None)) for a in AGES],
+              "age_1_by_step": [{"step": t + 1, "loss": loss, **{k: row[k] for k in ("spread", "error_over_spread",
+                                                                                    "shift_over_spread")}}
+                                for t, (row, loss) in enumerate(zip(per_step, losses))]}
+    print(f"{'age (steps)':>12}{'cos':>8}{'logit error':>13}{'spread':>8}{'error/spread':>14}{'shift/spread':>14}"
+          "   (all steps; error/spread in the second half)")
     for whole, late in zip(result["all_steps"], result["second_half"]):
         if whole:
             print(f"{whole['age']:>12}{whole['cos']:>8.4f}{whole['logit_error']:>13.3f}{whole['spread']:>8.3f}"
-                  f"{whole['error_over_spread']:>14.3f}   " + (f"{late['error_over_spread']:.3f}" if late else "-"))
+                  f"{whole['error_over_spread']:>14.3f}{whole['shift_over_spread']:>14.3f}   "
+                  + (f"{late['error_over_spread']:.3f}" if late else "-"))
     print(f"dropout: two train-mode encodings of the same passages: cos {result['dropout_cos']:.4f}, "
           f"logit error {dropout:.3f}")
-    write_result(result, args.output, f"bank_drift_{args.task}.json")
+    suffix = "" if args.encoder == "minilm" and args.bank == "auto" else f"_{args.encoder}_bank{args.bank}"
+    write_result(result, args.output, f"bank_drift_{args.task}{suffix}.json")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ COLLAPSE_SPREAD = 1e-4  # total variance of unit vectors below which a batch cou
 UNIFORM_LOSS = 0.99
 LEARNED_LOSS = 0.9
 # A run that reads the memory bank and never leaves the uniform loss (measured: an encoder from scratch with a stale
-# bank at lr 1e-4 never went below 0.93 x and stayed above UNIFORM_LOSS from about step 60 of 300, where gradient
-# accumulation left it within 3 steps; no healthy run of ours stayed above UNIFORM_LOSS for more than 3 steps in a
+# bank at lr 1e-4 never went below 0.93 x and stayed above UNIFORM_LOSS from about step 60 of 300; no healthy run
+# of ours, gradient accumulation from scratch included, stayed above UNIFORM_LOSS for more than 3 steps in a
 # row) is stopped after this many times the patience: slower than a collapse after learning, since a run may start
 # at the uniform loss. On that run the guard stopped at step 114.
 STUCK_PATIENCE_FACTOR = 5
@@ -108,8 +108,8 @@ class TrainingDiagnostics:
             steps = self._stuck_steps
             what = (f"the loss was {ratio:.3f} x its value when every candidate scores the same while reading the "
                     f"memory bank, and never below {self._lowest_loss_ratio:.3f} x: the bank keeps every vector "
-                    "from separating (measured from scratch, where gradient accumulation left that loss within 3 "
-                    "steps)")
+                    "from separating (measured from scratch, where gradient accumulation never stayed at that "
+                    "loss for more than 3 steps in a row)")
         else:
             return
         raise EmbeddingCollapseError(
