@@ -131,7 +131,8 @@ def main():
                   + (f"{late['error_over_spread']:.3f}" if late else "-"))
     print(f"dropout: two train-mode encodings of the same passages: cos {result['dropout_cos']:.4f}, "
           f"logit error {dropout:.3f}")
-    suffix = "" if args.encoder == "minilm" and args.bank == "auto" else f"_{args.encoder}_bank{args.bank}"
+    defaults = (args.encoder, args.bank, args.n_total, args.lr) == ("minilm", "auto", 128, 5e-5)
+    suffix = "" if defaults else f"_{args.encoder}_n{args.n_total}_lr{args.lr:g}_bank{args.bank}"
     write_result(result, args.output, f"bank_drift_{args.task}{suffix}.json")
 
 
