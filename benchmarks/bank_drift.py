@@ -44,10 +44,10 @@ def drift(history: list, age: int, temperature: float, steps: slice) -> dict:
         if t - age < 0:
             continue
         (q_now, p_now), (_, p_then) = history[t], history[t - age]
-        error = (q_now @ (p_then - p_now).T).abs() / temperature
+        shift = q_now @ (p_then - p_now).T / temperature  # signed; its absolute value is the logit error
+        error = shift.abs()
         fresh = q_now @ p_now.T / temperature
         off_diagonal = ~torch.eye(len(q_now), dtype=torch.bool)
-        shift = q_now @ (p_then - p_now).T / temperature
         rows.append((F.cosine_similarity(p_then, p_now).mean().item(), error[off_diagonal].mean().item(),
                      fresh.masked_select(off_diagonal).view(len(q_now), -1).std(1).mean().item(),
                      shift[off_diagonal].mean().item()))
@@ -96,7 +96,8 @@ def main():
     targs = ContAccumTrainingArguments(
         output_dir="/tmp/bank_drift", per_device_train_batch_size=8, gradient_accumulation_steps=args.n_total // 8,
         max_steps=args.steps, learning_rate=args.lr, warmup_steps=0.1, max_grad_norm=2.0, seed=args.seed,
-        data_seed=args.seed, memory_bank_size=args.bank if args.bank == "auto" else int(args.bank), similarity="cos", temperature=temperature,
+        data_seed=args.seed, memory_bank_size=args.bank if args.bank == "auto" else int(args.bank),
+        similarity="cos", temperature=temperature,
         query_max_length=max_lengths[0], passage_max_length=max_lengths[1], logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=device() == "cpu", disable_tqdm=True, collapse_patience=0)  # watch it, whatever
     trainer = ContAccumTrainer(model=model, args=targs, train_dataset=train, processing_class=model.tokenizer,

@@ -18,8 +18,8 @@ LEARNED_LOSS = 0.9
 # A run that reads the memory bank and never leaves the uniform loss (measured: an encoder from scratch with a stale
 # bank at lr 1e-4 never went below 0.93 x and stayed above UNIFORM_LOSS from about step 50 of 300; no healthy run
 # of ours stayed above UNIFORM_LOSS for more than 5 steps in a row: from scratch, gradient accumulation 3, GradCache
-# 5, the refreshed bank 3) is stopped after this many times the patience: slower than a collapse after learning, since a run may start
-# at the uniform loss. On that run the guard stopped at step 114.
+# 5, the refreshed bank 3) is stopped after this many times the patience: slower than a collapse after learning,
+# since a run may start at the uniform loss. On that run the guard stopped at step 114.
 STUCK_PATIENCE_FACTOR = 5
 
 

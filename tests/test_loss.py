@@ -1,5 +1,6 @@
 """The loss against a literal implementation of the paper's equations (5-9)."""
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -249,9 +250,14 @@ def test_a_training_micro_step_makes_no_host_sync(similarity, bank_hn, query_ban
     assert loss_fn.bank.num_enqueued == 80
 
 
-def _collapse_step(loss_fn, queries, positives, patience):
-    loss_fn(queries.requires_grad_(), positives, torch.arange(len(queries))).backward()
+def _collapse_step(loss_fn, queries, positives, patience, keys=None):
+    keys = torch.arange(len(queries)) if keys is None else keys
+    loss_fn(queries.requires_grad_(), positives, keys).backward()
     loss_fn.check_collapse(patience)
+
+
+def _alike(common):  # cos ~0.9999 between any two: spread ~1e-3, above the every-vector-the-same threshold
+    return common + 0.05 * torch.randn(8, 16)
 
 
 def test_collapse_guard_catches_a_loss_back_at_uniform_once_the_run_had_learned():
@@ -261,10 +267,7 @@ def test_collapse_guard_catches_a_loss_back_at_uniform_once_the_run_had_learned(
 
     torch.manual_seed(0)
     common = torch.randn(1, 16)
-
-    def alike():  # cos ~0.9999 between any two: spread ~1e-3, above the every-vector-the-same threshold
-        return common + 0.05 * torch.randn(8, 16)
-
+    alike = partial(_alike, common)
     never_learned = ContAccumLoss(0, 1.0, "cos")
     for _ in range(5):
         _collapse_step(never_learned, alike(), alike(), patience=3)  # at uniform from the start: not stopped
@@ -284,11 +287,7 @@ def test_collapse_guard_stops_a_bank_run_that_never_leaves_the_uniform_loss():
     from hf_contaccum import EmbeddingCollapseError
 
     torch.manual_seed(0)
-    common = torch.randn(1, 16)
-
-    def alike():
-        return common + 0.05 * torch.randn(8, 16)
-
+    alike = partial(_alike, torch.randn(1, 16))
     no_bank = ContAccumLoss(0, 1.0, "cos")
     learning = ContAccumLoss(8, 0.05, "cos")
     distinct = torch.eye(16)[:8]
@@ -297,14 +296,9 @@ def test_collapse_guard_stops_a_bank_run_that_never_leaves_the_uniform_loss():
         _collapse_step(learning, distinct.clone(), distinct.clone(), patience=2)
     stuck = ContAccumLoss(8, 1.0, "cos")
     steps = [torch.arange(8) + 8 * step for step in range(11)]  # new passages each step: none masked as a duplicate
-    _stuck_step(stuck, alike(), alike(), steps[0])  # the bank is empty: not counted
+    _collapse_step(stuck, alike(), alike(), 2, steps[0])  # the bank is empty: not counted
     for keys in steps[1:10]:
-        _stuck_step(stuck, alike(), alike(), keys)
+        _collapse_step(stuck, alike(), alike(), 2, keys)
     with pytest.raises(EmbeddingCollapseError, match=r"for 10 optimizer steps .* while reading the memory bank.*"
                                                      r"bank_refresh_steps=1"):
-        _stuck_step(stuck, alike(), alike(), steps[10])
-
-
-def _stuck_step(loss_fn, queries, positives, keys):
-    loss_fn(queries.requires_grad_(), positives, keys).backward()
-    loss_fn.check_collapse(2)
+        _collapse_step(stuck, alike(), alike(), 2, steps[10])
