@@ -54,6 +54,10 @@ def methods(n_total: int, factor: int, steps: int) -> dict:
         f"contaccum-{big}-fresh": (*contaccum[:2], big, big, None, 1, {"bank_refresh_steps": 1}),
         # a quarter of the refresh's cost: banked vectors up to 4 steps old (last, so a run cut short skips it)
         f"contaccum-{big}-fresh-every-4": (*contaccum[:2], big, big, None, 1, {"bank_refresh_steps": 4}),
+        # the bank moved by the encoder's common drift, measured on a probe of one micro-batch's pairs encoded
+        # without dropout before every step (2 x N_local forward passes a step instead of the refresh's 2 x N_mem)
+        f"contaccum-{n_total}-drift": (*contaccum[:2], n_total, n_total, None, 1, {"bank_drift_probe": N_LOCAL}),
+        f"contaccum-{big}-drift": (*contaccum[:2], big, big, None, 1, {"bank_drift_probe": N_LOCAL}),
     }
 
 

@@ -134,6 +134,8 @@ class ContAccumLoss(nn.Module):
         # False: a non-finite loss raises at once (a host sync per micro-batch); see defer_finite_check_to_step
         self.defer_finite_check = False
         self._nonfinite = None
+        self.drift_probe = None  # bank_drift_probe: {side: token features} re-encoded at every step's start
+        self.drift_means = None  # the probe's mean (query, passage) vectors at the last correction
 
     @property
     def memory_bank_size(self) -> int:
@@ -334,6 +336,45 @@ class ContAccumLoss(nn.Module):
                         bank.passages.dtype)
         self.bank_lse.stale = True
 
+    # -- staleness control by a drift probe (bank_drift_probe) ------------------------------
+    @torch.no_grad()
+    def keep_drift_probe(self, features: dict, size: int) -> None:
+        """Keep the first `size` pairs of this micro-batch as the drift probe (once; a later call does nothing).
+        features: {"query" | "passage": {"input_ids", "attention_mask"}} of this process's pairs, on the device."""
+        if self.drift_probe is None:
+            self.drift_probe = {side: {key: t[:size].clone() for key, t in f.items()} for side, f in features.items()}
+
+    @torch.no_grad()
+    def correct_drift(self, encode) -> None:
+        """Move every banked vector by the encoder's drift since the last call, measured on the probe.
+
+        Call at the start of each optimizer step with `encode` ({"query": features, "passage": features} ->
+        (query vectors, passage vectors), no gradient, no dropout: eval mode). The change of the probe's mean
+        query (passage) vector since the last call is added to every banked query (passage, hard negative), which
+        the last call had brought up to date, so the whole bank follows the encoder's common move. Why: banked
+        vectors left where they were let the encoder lower every banked negative's logit at once by moving all its
+        vectors away from them (measured from scratch: README, "the bank makes the encoder flee its own past"); a
+        common shift is what a full refresh corrects for 2 x N_mem forward passes, this for 2 x the probe's pairs.
+        With a global bank every process encodes its own probe and the means are averaged across processes."""
+        if self.drift_probe is None:
+            return
+        queries, passages = encode(self.drift_probe)
+        means = torch.stack([self._prepare(queries).mean(0), self._prepare(passages).mean(0)])
+        if self._bank_processes()[1] > 1:  # one shift for the one global bank, the same on every process
+            means = gather_without_grad(means[None]).mean(0)
+        bank = self.bank
+        if self.drift_means is not None and bank.fill:
+            shift = (means - self.drift_means).to(bank.queries.dtype)
+            moved = [(bank.queries[:bank.fill], shift[0]), (bank.passages[:bank.fill], shift[1])]
+            if bank.num_hard_negatives:
+                moved.append((bank.hard_negatives[:bank.fill], shift[1]))
+            for vectors, step in moved:
+                vectors += step
+                if self.similarity == "cos":
+                    vectors.copy_(F.normalize(vectors, dim=-1))
+            self.bank_lse.stale = True
+        self.drift_means = means
+
     def reset(self) -> None:
         """Empty the bank (e.g. after every optimizer step, for an ablation)."""
         self.bank.reset()
@@ -344,6 +385,9 @@ class ContAccumLoss(nn.Module):
         if self.bank.queries is not None and self.bank.queries.device != device:
             self.bank.to(device)
             self.bank_lse.to(device)
+        if self.drift_means is not None and self.drift_means.device != device:
+            self.drift_means = self.drift_means.to(device)
+            self.drift_probe = {side: {k: t.to(device) for k, t in f.items()} for side, f in self.drift_probe.items()}
 
     def _anonymous_keys(self, shape, device, rank, size):
         """Negative ids, unique across micro-batches and ranks: never equal to each other or to a real key."""
@@ -381,7 +425,8 @@ class ContAccumLoss(nn.Module):
     # -- checkpoints ---------------------------------------------------------------------
     def get_extra_state(self) -> dict:
         return {"bank": self.bank.state_dict(), "lse_cache": self.bank_lse.state_dict(),
-                "query_bank_size": self.query_bank_size}
+                "query_bank_size": self.query_bank_size, "drift_probe": self.drift_probe,
+                "drift_means": self.drift_means}
 
     def set_extra_state(self, state: dict) -> None:
         self.bank.load_state_dict(state["bank"])  # refuses another capacity, naming the setting
@@ -389,6 +434,7 @@ class ContAccumLoss(nn.Module):
             raise ValueError(f"checkpointed query bank has {state['query_bank_size']} entries, this run asks for "
                              f"{self.query_bank_size}: resume with the same query_memory_bank_size")
         self.bank_lse.load_state_dict(state["lse_cache"])
+        self.drift_probe, self.drift_means = state.get("drift_probe"), state.get("drift_means")  # (older: none)
 
     def save_checkpoint(self, directory: str, rank: int = 0, **metadata) -> str:
         """Write this process's bank (and its cache) to `directory`; returns the file."""
@@ -421,6 +467,19 @@ def check_refresh(refresh_steps: int, bank_size: int, bank_hard_negatives: bool)
     if refresh_steps and bank_hard_negatives:
         raise ValueError("bank_refresh_steps re-encodes banked queries and positives, not banked hard negatives: "
                          "set bank_hard_negatives=False or bank_refresh_steps=0")
+
+
+def check_drift_probe(probe: int, refresh_steps: int, bank_size: int) -> None:
+    """bank_drift_probe moves banked vectors, so it needs a bank; with a full refresh it has nothing to correct."""
+    if probe < 0:
+        raise ValueError(f"bank_drift_probe must be >= 0 pairs (0 = off), got {probe}")
+    if probe and bank_size == 0:
+        raise ValueError("bank_drift_probe corrects the memory bank for the encoder's drift, and memory_bank_size is "
+                         "0: give the bank a size, or set bank_drift_probe=0")
+    if probe and refresh_steps:
+        raise ValueError("bank_drift_probe and bank_refresh_steps are two staleness controls for the same thing (a "
+                         "refresh re-encodes the whole bank, the probe estimates the common drift from a few pairs): "
+                         "set one of them to 0")
 
 
 def check_bank_fits(capacity: int, per_process: int, processes: int = 1) -> None:

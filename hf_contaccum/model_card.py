@@ -130,6 +130,8 @@ def build_model_card(trainer, model_name=None, base_model=None, datasets=None, l
                 if args.bank_warmup_steps else []),
               *([f"| bank refresh (banked pairs encoded again every N steps) | {args.bank_refresh_steps} |"]
                 if args.bank_refresh_steps else []),
+              *([f"| bank drift probe (pairs whose mean change moves the bank each step) | {args.bank_drift_probe} |"]
+                if args.bank_drift_probe else []),
               f"| learning rate / max grad norm | {args.learning_rate} / {args.max_grad_norm} |",
               f"| optimizer steps | {trainer.state.global_step} |", ""]
     if world > 1:

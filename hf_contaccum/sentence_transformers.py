@@ -88,6 +88,10 @@ class ContAccumLoss(nn.Module):
             banked anchor and positive again with the current model (no gradient; ANCE's refresh; 0: off). The
             bank keeps their token ids (input_ids and attention_mask: text columns without token_type_ids
             segments or other inputs); not with bank_hard_negatives.
+        bank_drift_probe: with ContAccumBankCallback, keep the first N anchor-positive pairs as a probe, encode them
+            in eval mode before every optimizer step and move every banked vector by the change of the probe's mean
+            since the last step (the encoder's common drift; 2 x N forward passes a step; 0: off). Same token
+            requirements as bank_refresh_steps; not with it.
 
     Training updates the bank; evaluation (no grad or model.eval()) neither reads nor writes it.
     Add ContAccumBankCallback(loss) to the trainer so the bank is saved with every checkpoint
@@ -98,9 +102,11 @@ class ContAccumLoss(nn.Module):
                  mini_batch_size: int | None = None, gather_across_devices: bool = False,
                  query_memory_bank_size: int | None = None, bank_hard_negatives: bool = False,
                  mask_false_negatives: bool = True, bank_chunk_size: int | None = None, collapse_patience: int = 10,
-                 bank_weight: float = 1.0, bank_warmup_steps: int = 0, bank_refresh_steps: int = 0):
+                 bank_weight: float = 1.0, bank_warmup_steps: int = 0, bank_refresh_steps: int = 0,
+                 bank_drift_probe: int = 0):
         super().__init__()
         core.check_refresh(bank_refresh_steps, memory_bank_size, bank_hard_negatives)
+        core.check_drift_probe(bank_drift_probe, bank_refresh_steps, memory_bank_size)
         if similarity_fct not in SIMILARITIES:
             raise ValueError(f"similarity_fct must be sentence_transformers.util.cos_sim or dot_score, got "
                              f"{getattr(similarity_fct, '__name__', similarity_fct)}: the bank's cached scores need "
@@ -119,8 +125,9 @@ class ContAccumLoss(nn.Module):
         self.gradcache = GradCache(mini_batch_size) if mini_batch_size else None
         self.collapse_patience = collapse_patience
         self.bank_refresh_steps = bank_refresh_steps
-        self.refresh_due = False  # set by ContAccumBankCallback when a step that refreshes the bank begins
-        self._column_settings = {}  # bank_refresh_steps: each column's non-tensor features (e.g. modality)
+        self.bank_drift_probe = bank_drift_probe
+        self.bank_update_due = False  # set by ContAccumBankCallback when a step that refreshes or moves the bank begins
+        self._column_settings = {}  # the bank's re-encodings: each column's non-tensor features (e.g. modality)
         self.checkpointed = False  # set by ContAccumBankCallback
         self._warned = False
 
@@ -136,34 +143,47 @@ class ContAccumLoss(nn.Module):
             logger.warning("ContAccumLoss: the memory bank is not saved with checkpoints, so a resumed run would "
                            "restart with an empty bank. Pass callbacks=[ContAccumBankCallback(loss)] to the trainer "
                            "(in a custom loop, save loss.contaccum.state_dict() yourself)")
-        if training and self.bank_refresh_steps:
-            self._refresh_and_keep_tokens(features[0], features[1])
+        if training and (self.bank_refresh_steps or self.bank_drift_probe):
+            self._update_bank_before_step(features[0], features[1])
         keys = [token_keys(f) for f in features]
         if self.gradcache is not None and training:
             return self.gradcache(self.model, dict(enumerate(features)), _embed_call, lambda e: self._loss(e, keys))
         return self._loss(dict(enumerate(embed_columns(self.model, features))), keys)
 
-    def _refresh_and_keep_tokens(self, anchors: dict, positives: dict) -> None:
+    def _update_bank_before_step(self, anchors: dict, positives: dict) -> None:
+        """bank_refresh_steps / bank_drift_probe: re-encode the bank (or the probe) when a step begins, and keep
+        the tokens they will need."""
+        name = "bank_refresh_steps" if self.bank_refresh_steps else "bank_drift_probe"
         if not self.checkpointed:
-            raise ValueError("bank_refresh_steps needs callbacks=[ContAccumBankCallback(loss)] in the trainer: it "
-                             "says when an optimizer step begins (and saves the bank's tokens with checkpoints)")
+            raise ValueError(f"{name} needs callbacks=[ContAccumBankCallback(loss)] in the trainer: it says when an "
+                             "optimizer step begins (and saves the bank's tokens with checkpoints)")
         sides = {"query": anchors, "passage": positives}
         for side, features in sides.items():
             extra = [k for k, v in features.items() if isinstance(v, torch.Tensor)
                      and k not in ("input_ids", "attention_mask", "token_type_ids")]
             if "input_ids" not in features or extra:
-                raise ValueError(f"bank_refresh_steps re-encodes banked texts from their input_ids and attention_mask "
-                                 f"(token_type_ids taken as zeros), but the {side} column's features hold "
-                                 f"{extra or 'no input_ids'} too: set bank_refresh_steps=0 for this model")
+                raise ValueError(f"{name} re-encodes texts from their input_ids and attention_mask (token_type_ids "
+                                 f"taken as zeros), but the {side} column's features hold {extra or 'no input_ids'} "
+                                 f"too: set {name}=0 for this model")
         # what is not a tensor is the column's, not a row's (modality, prompt_length): the latest batch's
         self._column_settings = {side: {k: v for k, v in f.items() if not isinstance(v, torch.Tensor)}
                                  for side, f in sides.items()}
         self.contaccum.move_bank_to(anchors["input_ids"].device)  # a resumed bank starts on the CPU
-        if self.refresh_due:
-            self.refresh_due = False
-            self.contaccum.refresh_bank(self._encode_pairs)
-        self.contaccum.keep_tokens({side: {key: f[key] for key in ("input_ids", "attention_mask")}
-                                    for side, f in sides.items()})
+        tokens = {side: {key: f[key] for key in ("input_ids", "attention_mask")} for side, f in sides.items()}
+        if self.bank_drift_probe:
+            self.contaccum.keep_drift_probe(tokens, self.bank_drift_probe)
+        if self.bank_update_due:
+            self.bank_update_due = False
+            if self.bank_refresh_steps:
+                self.contaccum.refresh_bank(self._encode_pairs)
+            else:
+                self.model.eval()  # no dropout: the probe's change is then the encoder's alone
+                try:
+                    self.contaccum.correct_drift(self._encode_pairs)
+                finally:
+                    self.model.train()
+        if self.bank_refresh_steps:
+            self.contaccum.keep_tokens(tokens)
 
     def _encode_pairs(self, features: dict) -> tuple:
         return tuple(self.model({**self._column_settings[side], **features[side]})["sentence_embedding"]
@@ -196,7 +216,7 @@ class ContAccumLoss(nn.Module):
                 "mini_batch_size": self.mini_batch_size, "gather_across_devices": c.gather_across_devices,
                 "bank_hard_negatives": c.bank.keep_hard_negatives, "mask_false_negatives": c.mask_false_negatives,
                 "bank_weight": c.bank_weight, "bank_warmup_steps": c.bank_warmup_steps,
-                "bank_refresh_steps": self.bank_refresh_steps}
+                "bank_refresh_steps": self.bank_refresh_steps, "bank_drift_probe": self.bank_drift_probe}
 
     @property
     def citation(self) -> str:
@@ -244,7 +264,7 @@ class ContAccumBankCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.loss.contaccum.start_step(state.global_step)
         refresh = self.loss.bank_refresh_steps
-        self.loss.refresh_due = bool(refresh) and state.global_step % refresh == 0
+        self.loss.bank_update_due = bool(refresh) and state.global_step % refresh == 0 or bool(self.loss.bank_drift_probe)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.loss.contaccum.check_finite()

@@ -167,7 +167,7 @@ class ContAccumTrainer(Trainer):
         if config is not None and hasattr(config, "similarity"):
             config.similarity = args.similarity  # the saved model then says how it is scored
         self.add_callback(_LossStepHooks(self.contrastive_loss, args.collapse_patience))
-        self.refreshed_at_step = None  # bank_refresh_steps: the optimizer step whose start re-encoded the bank
+        self.refreshed_at_step = None  # bank_refresh_steps / bank_drift_probe: the step whose start updated the bank
         self.tower_grad_norms = None
         if config is not None and getattr(config, "shared", True) is False:
             self.tower_grad_norms = _TowerGradNorms()
@@ -194,6 +194,8 @@ class ContAccumTrainer(Trainer):
         columns = {side: side_features(inputs, side) for side in ("query", "passage")}
         if self.args.bank_refresh_steps and model.training and torch.is_grad_enabled():
             self._refresh_and_keep_tokens(model, columns, inputs["query_input_ids"].shape[0])
+        if self.args.bank_drift_probe and model.training and torch.is_grad_enabled():
+            self._correct_drift(model, columns, inputs["query_input_ids"].shape[0])
 
         def loss_from_embeddings(embeddings):
             positives, hard_negatives = split_passages(embeddings["passage"], inputs["hard_negative_keys"])
@@ -215,16 +217,30 @@ class ContAccumTrainer(Trainer):
         self.contrastive_loss.keep_tokens({
             side: {key: columns[side][key][:n] for key in ("input_ids", "attention_mask")} for side in columns})
 
+    def _correct_drift(self, model, columns: dict, n: int) -> None:
+        loss, step = self.contrastive_loss, self.state.global_step
+        loss.move_bank_to(columns["query"]["input_ids"].device)  # a resumed bank starts on the CPU
+        loss.keep_drift_probe({side: {key: columns[side][key][:n] for key in ("input_ids", "attention_mask")}
+                               for side in columns}, self.args.bank_drift_probe)  # passages: the positives
+        if self.refreshed_at_step != step:  # the step's first micro-batch
+            self.refreshed_at_step = step
+            model.eval()  # no dropout: the probe's change is then the encoder's alone
+            try:
+                loss.correct_drift(self._pair_encoder(model))
+            finally:
+                model.train()
+
     def refresh_bank(self, model=None, block: int = 256) -> None:
         """Encode every banked pair again with the current encoder (bank_refresh_steps), through `embed`, in the
         model's current mode (training: dropout as for the micro-batch's own rows)."""
-        model = model if model is not None else self.model
+        self.contrastive_loss.refresh_bank(self._pair_encoder(model if model is not None else self.model), block)
 
+    def _pair_encoder(self, model):
+        """{"query": features, "passage": features} -> (query vectors, passage vectors), through `embed`."""
         def encode(features):
             embeddings = self.embed(model, features)
             return embeddings["query"], embeddings["passage"]
-
-        self.contrastive_loss.refresh_bank(encode, block)
+        return encode
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss is plain in-batch InfoNCE: evaluation never reads or writes the bank."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from .loss import check_refresh
+from .loss import check_drift_probe, check_refresh
 
 
 @dataclass
@@ -48,6 +48,11 @@ class ContAccumTrainingArguments(TrainingArguments):
         "the paper). Costs 2 x N_mem forward passes per refresh (split between the processes sharing a global "
         "bank) and keeps the banked texts' token ids; not with bank_hard_negatives. Measured: an encoder trained "
         "from scratch (lr 5e-4) collapsed with every stale bank and learned with a refresh every step (README).")})
+    bank_drift_probe: int = field(default=0, metadata={"help": (
+        "Staleness control, cheaper than bank_refresh_steps: keep the first N pairs of each process as a probe, "
+        "encode them without dropout at the start of every optimizer step, and move every banked vector by the "
+        "change of the probe's mean vector since the last step (the encoder's common drift). Costs 2 x N forward "
+        "passes without gradient per step. 0 = off (the paper). Not with bank_refresh_steps.")})
     mask_false_negatives: bool = field(default=True, metadata={"help": (
         "Never use a passage as a negative of a query it is relevant to: columns with the same passage id "
         "(column positive_id) or, without ids, the same text as the row's positive are masked.")})
@@ -117,6 +122,7 @@ class ContAccumTrainingArguments(TrainingArguments):
         if self.bank_warmup_steps < 0:
             raise ValueError(f"bank_warmup_steps must be >= 0, got {self.bank_warmup_steps}")
         check_refresh(self.bank_refresh_steps, self.passage_bank_size, self.bank_hard_negatives)
+        check_drift_probe(self.bank_drift_probe, self.bank_refresh_steps, self.passage_bank_size)
         if self.bank_chunk_size is not None and self.bank_chunk_size < 1:
             raise ValueError(f"bank_chunk_size must be >= 1, got {self.bank_chunk_size}")
         if self.query_bank_size > self.passage_bank_size:

@@ -93,6 +93,35 @@ def test_two_processes_refreshing_one_global_bank_equal_one_process(tmp_path, to
     assert one_process("stale", bank_refresh_steps=0)[1] != pytest.approx(result["losses"], rel=1e-5)
 
 
+def test_two_processes_moving_one_global_bank_by_the_drift_probe_equal_one_process(tmp_path, tokenizer):
+    """bank_drift_probe with a global bank: each process encodes its own probe (its first 2 pairs) and the means
+    are averaged, so both move the bank alike, as one process with the union of the probes (its first 4 pairs,
+    the same rows) does."""
+    from datasets import Dataset
+
+    args = dict(CONFIG["args"], bank_hard_negatives=False, bank_drift_probe=2, max_steps=5, optim="sgd",
+                learning_rate=0.5, similarity="cos", temperature=0.1)
+    result, params = _launch(tmp_path, dict(CONFIG, args=args))
+    assert result["checksums"][0] == result["checksums"][1]  # moved alike on both ranks
+
+    def one_process(name, probe):
+        trainer = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / name, **dict(
+            args, per_device_train_batch_size=4, bank_drift_probe=probe, use_cpu=True)),
+            train_dataset=Dataset.from_list(toy_rows(CONFIG["rows"], CONFIG["negatives"])), processing_class=tokenizer)
+        trainer.train()
+        return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    single, losses = one_process("single", 4)
+    assert result["losses"] == pytest.approx(losses, rel=1e-5)
+    for name, value in single.model.state_dict().items():
+        assert torch.allclose(value, params[name], atol=1e-6), name
+    magnitude = float(single.memory_bank.queries.double().abs().sum())
+    assert result["checksums"][0][0] == pytest.approx(float(single.memory_bank.queries.double().sum()),
+                                                      abs=1e-6 * magnitude)
+    assert one_process("stale", 0)[1] != pytest.approx(result["losses"], rel=1e-5)  # the test can tell
+    assert one_process("own probe only", 2)[1] != pytest.approx(result["losses"], rel=1e-5)  # not rank 0's alone
+
+
 def test_uneven_dataset_is_evened_not_hung(tmp_path):
     """45 rows over 2 ranks x 2 per batch: accelerate evens the last batch (documented); no hang."""
     config = dict(CONFIG, rows=45, args=dict(CONFIG["args"], max_steps=-1, num_train_epochs=1))

@@ -147,44 +147,48 @@ def test_training_with_a_bank_equals_contaccum_trainer(tmp_path, encoder_dir):
     assert torch.allclose(loss.memory_bank.queries, ours.memory_bank.queries, atol=1e-5)
 
 
-def test_bank_refresh_equals_contaccum_trainer_and_needs_the_callback(tmp_path, encoder_dir):
-    """bank_refresh_steps in sentence-transformers' loss: the same refresh as ContAccumTrainer's (itself tested
-    against a literal loop that re-encodes every banked text), started by the callback at each step."""
+@pytest.mark.parametrize("control", [{"bank_refresh_steps": 1}, {"bank_drift_probe": 3}])
+def test_bank_refresh_and_drift_probe_equal_contaccum_trainer_and_need_the_callback(tmp_path, encoder_dir, control):
+    """bank_refresh_steps and bank_drift_probe in sentence-transformers' loss: the same bank updates as
+    ContAccumTrainer's (each tested against a literal loop), started by the callback at each step."""
     from datasets import Dataset
 
     path = encoder_dir()
     data = Dataset.from_list(toy_rows(4 * 2 * 4))
     st_args = _st_args(tmp_path / "st", max_steps=4, learning_rate=1e-2)
+    (name, value), = control.items()
 
-    def st_run(refresh):
+    def st_run(settings):
         model = st_model(path)
-        loss = ContAccumLoss(model, memory_bank_size=10, bank_chunk_size=3, bank_refresh_steps=refresh)
+        loss = ContAccumLoss(model, memory_bank_size=10, bank_chunk_size=3, **settings)
         trainer = SentenceTransformerTrainer(model=model, args=st_args, train_dataset=data, loss=loss,
                                              callbacks=[ContAccumBankCallback(loss)])
         trainer.train()
         return model, loss, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
-    model, loss, st_losses = st_run(1)
-    assert loss.get_config_dict()["bank_refresh_steps"] == 1
+    model, loss, st_losses = st_run(control)
+    assert loss.get_config_dict()[name] == value
     reference = BiEncoder.from_encoder(path, shared=True, pooling="mean")
     ours = ContAccumTrainer(model=reference, args=trainer_args(
-        tmp_path / "ours", memory_bank_size=10, bank_chunk_size=3, bank_refresh_steps=1, max_steps=4,
-        learning_rate=1e-2, use_cpu=True, similarity="cos", temperature=0.05, query_max_length=64,
-        passage_max_length=64), train_dataset=data, processing_class=reference.tokenizer)
+        tmp_path / "ours", memory_bank_size=10, bank_chunk_size=3, max_steps=4, learning_rate=1e-2, use_cpu=True,
+        similarity="cos", temperature=0.05, query_max_length=64, passage_max_length=64, **control),
+        train_dataset=data, processing_class=reference.tokenizer)
     ours.train()
     assert st_losses == pytest.approx([h["loss"] for h in ours.state.log_history if "loss" in h], rel=1e-5)
-    for name, value in model[0].auto_model.named_parameters():
-        if not name.startswith("pooler."):  # built by both loaders, used by neither
-            assert torch.allclose(value, dict(reference.query_encoder.named_parameters())[name], atol=1e-5), name
+    for param, tensor in model[0].auto_model.named_parameters():
+        if not param.startswith("pooler."):  # built by both loaders, used by neither
+            assert torch.allclose(tensor, dict(reference.query_encoder.named_parameters())[param], atol=1e-5), param
     assert torch.allclose(loss.memory_bank.queries, ours.memory_bank.queries, atol=1e-5)
-    assert st_run(0)[2] != pytest.approx(st_losses, rel=1e-5)  # the refresh changes training: the test can tell
+    assert st_run({})[2] != pytest.approx(st_losses, rel=1e-5)  # the update changes training: the test can tell
 
-    unwatched = ContAccumLoss(st_model(path), memory_bank_size=8, bank_refresh_steps=1)
+    unwatched = ContAccumLoss(st_model(path), memory_bank_size=8, **control)
     unwatched.model.train()
-    with pytest.raises(ValueError, match="needs callbacks=\\[ContAccumBankCallback"):
+    with pytest.raises(ValueError, match=f"{name} needs callbacks=\\[ContAccumBankCallback"):
         unwatched(features(unwatched.model, toy_rows(4), ["query", "positive"]))
     with pytest.raises(ValueError, match="not banked hard negatives"):
         ContAccumLoss(st_model(path), memory_bank_size=8, bank_refresh_steps=1, bank_hard_negatives=True)
+    with pytest.raises(ValueError, match="set one of them to 0"):
+        ContAccumLoss(st_model(path), memory_bank_size=8, bank_refresh_steps=1, bank_drift_probe=2)
 
 
 def test_resume_equals_uninterrupted_and_bank_stays_out_of_the_model(tmp_path, encoder_dir):

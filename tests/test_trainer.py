@@ -45,29 +45,47 @@ def test_no_bank_equals_plain_gradient_accumulation(tmp_path, tokenizer, toy_dat
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def _manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, num_negatives, refresh=False):
+def _encode_pair(model, collate, row):
+    b = on_device(collate([row]))
+    out = model(query_input_ids=b["query_input_ids"], query_attention_mask=b["query_attention_mask"],
+                passage_input_ids=b["passage_input_ids"][:1], passage_attention_mask=b["passage_attention_mask"][:1])
+    return out.query_embeddings[0], out.passage_embeddings[0]
+
+
+def _manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, num_negatives, refresh=False,
+                      drift_probe=0, cos=False):
     """ContAccum written literally: full score matrix over [current; bank] rows and columns each micro-batch.
-    refresh: before every optimizer step, every banked pair is encoded again, one pair at a time, from its text."""
+    refresh: before every optimizer step, every banked pair is encoded again, one pair at a time, from its text.
+    drift_probe: before every optimizer step, the run's first `drift_probe` pairs are encoded one at a time without
+    dropout, and every banked vector moves by the change of their mean since the last step (then, with cos, back
+    onto the sphere). cos: cosine similarity (vectors normalised) instead of dot product."""
     collate = ContrastiveCollator(tokenizer, 16, 24)
+    unit = (lambda v: F.normalize(v, dim=-1)) if cos else (lambda v: v)
     model.to(DEVICE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     bank_q, bank_p, bank_rows = [], [], []  # python lists of detached vectors and their rows, oldest first
     batches = [rows[i:i + n_local] for i in range(0, len(rows), n_local)]
-    losses = []
+    losses, last_means = [], None
     for step in range(steps):
+        if drift_probe:
+            model.eval()
+            with torch.no_grad():
+                probe = [[unit(v) for v in _encode_pair(model, collate, row)] for row in rows[:drift_probe]]
+            model.train()
+            means = [torch.stack(vectors).mean(0) for vectors in zip(*probe)]
+            if last_means is not None:
+                bank_q = [unit(v + means[0] - last_means[0]) for v in bank_q]
+                bank_p = [unit(v + means[1] - last_means[1]) for v in bank_p]
+            last_means = means
         if refresh and bank_rows:
             with torch.no_grad():
                 for i, row in enumerate(bank_rows):
-                    b = on_device(collate([row]))
-                    out = model(query_input_ids=b["query_input_ids"], query_attention_mask=b["query_attention_mask"],
-                                passage_input_ids=b["passage_input_ids"][:1],
-                                passage_attention_mask=b["passage_attention_mask"][:1])
-                    bank_q[i], bank_p[i] = out.query_embeddings[0], out.passage_embeddings[0]
+                    bank_q[i], bank_p[i] = _encode_pair(model, collate, row)
         for micro in batches[step * k:(step + 1) * k]:
             b = on_device(collate(micro))
             out = model(**{key: b[key] for key in b if key.endswith(("input_ids", "attention_mask", "token_type_ids"))})
             n = len(micro)
-            q, passages = out.query_embeddings, out.passage_embeddings
+            q, passages = unit(out.query_embeddings), unit(out.passage_embeddings)
             p, hn = passages[:n], passages[n:]
             mq = torch.stack(bank_q) if bank_q else q.new_zeros(0, q.shape[1])
             mp = torch.stack(bank_p) if bank_p else q.new_zeros(0, q.shape[1])
@@ -152,6 +170,61 @@ def test_bank_refresh_resumes_exactly_and_refuses_what_it_cannot_do(tmp_path, to
         trainer_args(tmp_path, bank_refresh_steps=-1)
     with pytest.raises(ValueError, match="memory_bank_size is 0"):
         trainer_args(tmp_path, memory_bank_size=0, bank_refresh_steps=1)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cos"])
+def test_bank_drift_probe_equals_literal_contaccum_moving_the_bank(tmp_path, tokenizer, toy_dataset, similarity):
+    """bank_drift_probe=3: before every optimizer step the first 3 pairs are encoded without dropout and every banked
+    vector moves by their mean change since the last step; against the literal loop (probe pairs encoded one by
+    one, the bank as python lists). Then, with dropout, the probe is encoded in eval mode."""
+    ds = toy_dataset(n=4 * 2 * 5)
+    model = tiny_model()
+    common = (tokenizer, list(ds), 4, 2, 5, 1e-2, 12, 0)
+    reference, ref_losses = _manual_contaccum(copy.deepcopy(model), *common, drift_probe=3, cos=similarity == "cos")
+    stale, _ = _manual_contaccum(copy.deepcopy(model), *common, cos=similarity == "cos")
+    args = trainer_args(tmp_path, gradient_accumulation_steps=2, max_steps=5, memory_bank_size=12,
+                        mask_false_negatives=False, learning_rate=1e-2, bank_drift_probe=3, similarity=similarity)
+    trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(model.parameters(), stale.parameters()))
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == pytest.approx([sum(ref_losses[i:i + 2]) / 2 for i in range(0, 10, 2)], rel=1e-4)
+
+    class Recording(ContAccumTrainer):
+        def embed(self, model, features):
+            modes.append((len(features["query"]["input_ids"]), model.training))
+            return super().embed(model, features)
+
+    modes = []
+    Recording(model=tiny_model(dropout=0.1), args=args, train_dataset=ds, processing_class=tokenizer).train()
+    assert modes[:3] == [(3, False), (4, True), (4, True)] and modes.count((3, False)) == 5  # one probe per step
+    assert all(training for rows, training in modes if rows == 4)
+    with pytest.raises(ValueError, match="set one of them to 0"):
+        trainer_args(tmp_path, memory_bank_size=8, bank_refresh_steps=1, bank_drift_probe=4)
+    with pytest.raises(ValueError, match="memory_bank_size is 0"):
+        trainer_args(tmp_path, memory_bank_size=0, bank_drift_probe=4)
+
+
+def test_bank_drift_probe_resumes_exactly(tmp_path, tokenizer, toy_dataset):
+    """The probe's tokens and last means are saved with the bank: a run resumed mid-way equals the whole run."""
+    ds = toy_dataset(40)
+    common = {"memory_bank_size": 12, "gradient_accumulation_steps": 2, "max_steps": 4, "bank_drift_probe": 3,
+              "save_strategy": "steps", "save_steps": 2, "train_sampling_strategy": "random", "learning_rate": 1e-2}
+    full = ContAccumTrainer(model=tiny_model(dropout=0.1), args=trainer_args(tmp_path / "a", **common),
+                            train_dataset=ds, processing_class=tokenizer)
+    full.train()
+    resumed = ContAccumTrainer(model=tiny_model(seed=5, dropout=0.1), args=trainer_args(tmp_path / "b", **common),
+                               train_dataset=ds, processing_class=tokenizer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert torch.equal(full.contrastive_loss.drift_means, resumed.contrastive_loss.drift_means)
+    assert torch.equal(full.memory_bank.passages, resumed.memory_bank.passages)
+    full.create_model_card()
+    assert "| bank drift probe (pairs whose mean change moves the bank each step) | 3 |" in \
+        (tmp_path / "a" / "out" / "README.md").read_text()
 
 
 def test_logs_bank_statistics(tmp_path, tokenizer, toy_dataset):
