@@ -6,9 +6,12 @@ drift in machine speed hits both alike. The ContAccum bank is pre-filled to N_me
 every timed step pays for a full bank. Reports medians and the ratio; writes JSON.
 With --refresh, a third method: the same bank encoded again before every step (bank_refresh_steps=1),
 its slots holding real training pairs' tokens; with bank_refresh_steps=N the refresh costs 1/N of that.
+With --drift_probe P, another: the same bank moved before every step by the drift of a probe of P pairs
+(bank_drift_probe=P: 2 x P texts encoded without gradient, the bank shifted and its cache rebuilt).
 
     python benchmarks/bank_overhead.py --memory_bank_size 4096 --rounds 6
     python benchmarks/bank_overhead.py --memory_bank_size 512 --refresh --output benchmarks/results/refresh_cost.json
+    python benchmarks/bank_overhead.py --memory_bank_size 512 --refresh --drift_probe 8 --output benchmarks/results/drift_probe_cost.json
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ def main():
     parser.add_argument("--query_max_length", type=int, default=64)
     parser.add_argument("--passage_max_length", type=int, default=32)
     parser.add_argument("--refresh", action="store_true", help="also time the bank refreshed before every step")
+    parser.add_argument("--drift_probe", type=int, default=0, help="also time the bank moved by a probe of this many pairs")
     parser.add_argument("--output", default="benchmarks/results/bank_overhead.json")
     args = parser.parse_args()
 
@@ -47,20 +51,22 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
 
-    def make_trainer(bank, refresh=0):
+    def make_trainer(bank, refresh=0, probe=0):
         targs = ContAccumTrainingArguments(
             output_dir="/tmp/bank_overhead", per_device_train_batch_size=args.n_local,
             gradient_accumulation_steps=args.k, memory_bank_size=bank, temperature=0.05, report_to="none",
             query_max_length=args.query_max_length, passage_max_length=args.passage_max_length,
-            use_cpu=device == "cpu", disable_tqdm=True, bank_refresh_steps=refresh)
+            use_cpu=device == "cpu", disable_tqdm=True, bank_refresh_steps=refresh, bank_drift_probe=probe)
         return ContAccumTrainer(model=model, args=targs, train_dataset=train, processing_class=model.tokenizer)
 
     trainers = {"gradaccum": make_trainer(0), "contaccum": make_trainer(args.memory_bank_size)}
     if args.refresh:
         trainers["contaccum_refresh"] = make_trainer(args.memory_bank_size, refresh=1)
+    if args.drift_probe:
+        trainers["contaccum_drift_probe"] = make_trainer(args.memory_bank_size, probe=args.drift_probe)
     collate = trainers["gradaccum"].data_collator
     d = model.config.encoder_config["hidden_size"]
-    for name in ("contaccum", "contaccum_refresh"):  # fill the bank: cost does not depend on the vectors' values
+    for name in ("contaccum", "contaccum_refresh", "contaccum_drift_probe"):  # fill the bank: cost does not depend on the vectors' values
         if name in trainers and args.memory_bank_size:
             loss = trainers[name].contrastive_loss
             for first in range(len(train) - args.memory_bank_size, len(train), args.n_local):  # pairs never timed
@@ -100,7 +106,7 @@ def main():
 
     def one_step(trainer, rows):
         trainer.current_gradient_accumulation_steps = args.k
-        trainer.refreshed_at_step = None  # global_step stays 0 here: every timed step refreshes (bank_refresh_steps=1)
+        trainer.refreshed_at_step = None  # global_step stays 0 here: every timed step refreshes / moves the bank
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

@@ -125,8 +125,11 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
         stopped = {"collapse_guard_stopped_at_step": trainer.state.global_step}
     metrics = evaluator(model)
     ratios = [h["grad_norm_ratio"] for h in trainer.state.log_history if "grad_norm_ratio" in h]
+    # the training loss per optimizer step (uniform value: the log of a row's candidates), what the collapse
+    # guard reads: kept so that its thresholds can be checked against the runs
+    losses = [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
     return {"method": method, "seed": seed, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"],
-            "grad_norm_ratio": ratios, **stopped}
+            "grad_norm_ratio": ratios, "loss": losses, **stopped}
 
 
 def plot(table, results, sweep_methods, bank_sizes, main_method, path):
@@ -221,7 +224,7 @@ def main():
             r = train_and_evaluate(method, layout, seed, steps, evaluator, train, args.lr, "/tmp/quality_run",
                                    max_lengths)
             results.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "grad_norm_ratio"}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("grad_norm_ratio", "loss")}), flush=True)
             save(path, config, before, results)  # after every run: a stopped benchmark keeps what it measured
     table = save(path, config, before, results)
     print(f"\n{'method':<18}{'nDCG@10':>16}{'Recall@100':>16}{'GradNormRatio':>15}")

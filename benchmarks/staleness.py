@@ -131,7 +131,7 @@ def main():
             r = train_and_evaluate(method, layout, seed, args.steps, evaluator, train, args.lr,
                                    f"/tmp/staleness_run_{os.getpid()}", max_lengths, args.encoder)
             results.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "grad_norm_ratio"}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("grad_norm_ratio", "loss")}), flush=True)
             save(path, config, before, results)
     print_table(save(path, config, before, results))
 

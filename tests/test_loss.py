@@ -149,6 +149,45 @@ def test_grad_norm_ratio_is_taken_at_the_compared_unit_vectors():
     assert logged["grad_norm_ratio_raw"] == pytest.approx(float(p.grad.norm() / q.grad.norm()), rel=1e-4)
 
 
+@pytest.mark.parametrize("similarity", ["dot", "cos"])
+def test_drift_probe_moves_every_banked_vector_and_the_loss_reads_them_moved(similarity):
+    """correct_drift adds the change of the probe's mean query (passage) vector to every banked query (passage, hard
+    negative), back onto the sphere for cosine; the next micro-batch's loss and gradients then equal the naive
+    equations on the moved bank (the banked rows' cached log-sum-exps were rebuilt)."""
+    torch.manual_seed(3)
+    d, n, H, m, tau = 16, 4, 2, 10, 0.5
+    loss_fn = ContAccumLoss(m, tau, similarity, bank_hard_negatives=True, bank_chunk_size=3)
+    unit = (lambda v: torch.nn.functional.normalize(v, dim=-1)) if similarity == "cos" else (lambda v: v)
+    probe_q, probe_p, drift = torch.randn(3, d), torch.randn(3, d), torch.randn(2, d)
+    encoder_step = [0]
+    encode = lambda features: (probe_q + encoder_step[0] * drift[0], probe_p + encoder_step[0] * drift[1])
+    tokens = {side: {"input_ids": torch.ones(5, 7, dtype=torch.long), "attention_mask": torch.ones(5, 7)}
+              for side in ("query", "passage")}
+    loss_fn.keep_drift_probe(tokens, 3)
+    assert loss_fn.drift_probe["query"]["input_ids"].shape == (3, 7)
+    for step in range(4):
+        bank = loss_fn.bank
+        before = [t[:bank.fill].clone() for t in (bank.queries, bank.passages, bank.hard_negatives)] if step else None
+        encoder_step[0] = step
+        loss_fn.correct_drift(encode)
+        if step:
+            expected_shift = [unit(probe_q + step * drift[0]).mean(0) - unit(probe_q + (step - 1) * drift[0]).mean(0),
+                              unit(probe_p + step * drift[1]).mean(0) - unit(probe_p + (step - 1) * drift[1]).mean(0)]
+            for moved, old, shift in zip((bank.queries, bank.passages, bank.hard_negatives), before,
+                                         (expected_shift[0], expected_shift[1], expected_shift[1])):
+                assert torch.allclose(moved[:bank.fill], unit(old + shift), atol=1e-6)
+        for micro in range(2):  # two micro-batches a step, new passages each (none masked as a duplicate)
+            q, p, hn = (torch.randn(*shape, requires_grad=True) for shape in ((n, d), (n, d), (n, H, d)))
+            f = bank.fill
+            bq, bp = (bank.queries[:f].clone(), bank.passages[:f].clone()) if f else (torch.zeros(0, d),) * 2
+            bh = bank.hard_negatives[:f].clone() if f else torch.zeros(0, H, d)
+            loss = loss_fn(q, p, torch.arange(n) + 10 * (2 * step + micro), hn, None)
+            ref = naive_contaccum_loss(q, p, hn, bq, bp, bh, tau, cos=similarity == "cos")
+            assert torch.allclose(loss, ref, atol=1e-5, rtol=1e-5), (step, loss, ref)
+            for g, r in zip(torch.autograd.grad(loss, [q, p, hn]), torch.autograd.grad(ref, [q, p, hn])):
+                assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
+
+
 def test_bank_warm_up_fills_without_reading():
     """During bank_warmup_steps the loss is plain in-batch InfoNCE, and the bank still fills."""
     torch.manual_seed(2)
