@@ -19,6 +19,7 @@ with the same passages encoded now, as a current query sees them:
 
     python benchmarks/bank_drift.py --task wordnet        # ~10 min on 2 CPU cores
     python benchmarks/bank_drift.py --encoder scratch --n_total 32 --lr 1e-4 --steps 300   # where a bank fails
+    python benchmarks/bank_drift.py --encoder scratch --n_total 32 --lr 1e-4 --steps 300 --drift_probe 8   # and moved
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def main():
     parser.add_argument("--encoder", choices=("minilm", "scratch"), default="minilm",
                         help="scratch: the randomly initialised encoder of staleness.py --encoder scratch")
     parser.add_argument("--bank", default="auto", help='memory_bank_size ("auto" = N_total; 0: gradient accumulation)')
+    parser.add_argument("--drift_probe", type=int, default=0, help="bank_drift_probe of the training run (0: off)")
     parser.add_argument("--output", default=None, help="default benchmarks/results/bank_drift_<task>.json")
     args = parser.parse_args()
 
@@ -97,7 +99,7 @@ def main():
         output_dir="/tmp/bank_drift", per_device_train_batch_size=8, gradient_accumulation_steps=args.n_total // 8,
         max_steps=args.steps, learning_rate=args.lr, warmup_steps=0.1, max_grad_norm=2.0, seed=args.seed,
         data_seed=args.seed, memory_bank_size=args.bank if args.bank == "auto" else int(args.bank),
-        similarity="cos", temperature=temperature,
+        similarity="cos", temperature=temperature, bank_drift_probe=args.drift_probe,
         query_max_length=max_lengths[0], passage_max_length=max_lengths[1], logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=device() == "cpu", disable_tqdm=True, collapse_patience=0)  # watch it, whatever
     trainer = ContAccumTrainer(model=model, args=targs, train_dataset=train, processing_class=model.tokenizer,
@@ -115,7 +117,7 @@ def main():
     per_step = [drift(history, 1, temperature, slice(t, t + 1)) for t in range(1, len(history))]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {"task": args.task, "steps": args.steps, "lr": args.lr, "n_total": args.n_total, "probe": args.probe,
-              "encoder": args.encoder, "bank": args.bank,
+              "encoder": args.encoder, "bank": args.bank, "drift_probe": args.drift_probe,
               "temperature": temperature, "seed": args.seed, "dropout_logit_error": dropout,
               "dropout_cos": F.cosine_similarity(draws[0], draws[1]).mean().item(),
               "all_steps": [drift(history, a, temperature, slice(None)) for a in AGES],
@@ -134,6 +136,7 @@ def main():
           f"logit error {dropout:.3f}")
     defaults = (args.encoder, args.bank, args.n_total, args.lr) == ("minilm", "auto", 128, 5e-5)
     suffix = "" if defaults else f"_{args.encoder}_n{args.n_total}_lr{args.lr:g}_bank{args.bank}"
+    suffix += f"_probe{args.drift_probe}" if args.drift_probe else ""
     write_result(result, args.output, f"bank_drift_{args.task}{suffix}.json")
 
 
