@@ -457,26 +457,19 @@ class ContAccumLoss(nn.Module):
         return saved
 
 
-def check_refresh(refresh_steps: int, bank_size: int, bank_hard_negatives: bool) -> None:
-    """bank_refresh_steps needs a bank, and re-encodes only banked queries and positives."""
-    if refresh_steps < 0:
-        raise ValueError(f"bank_refresh_steps must be >= 0 (0 = never), got {refresh_steps}")
-    if refresh_steps and bank_size == 0:
-        raise ValueError("bank_refresh_steps re-encodes the memory bank, and memory_bank_size is 0: give the bank a "
-                         "size, or set bank_refresh_steps=0")
+def check_bank_updates(refresh_steps: int, drift_probe: int, bank_size: int, bank_hard_negatives: bool) -> None:
+    """bank_refresh_steps and bank_drift_probe change banked vectors, so they need a bank; the refresh re-encodes
+    only banked queries and positives; with a full refresh the probe would have nothing to correct."""
+    for name, value in (("bank_refresh_steps", refresh_steps), ("bank_drift_probe", drift_probe)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (0 = off), got {value}")
+        if value and bank_size == 0:
+            raise ValueError(f"{name} updates the memory bank, and memory_bank_size is 0: give the bank a size, or "
+                             f"set {name}=0")
     if refresh_steps and bank_hard_negatives:
         raise ValueError("bank_refresh_steps re-encodes banked queries and positives, not banked hard negatives: "
                          "set bank_hard_negatives=False or bank_refresh_steps=0")
-
-
-def check_drift_probe(probe: int, refresh_steps: int, bank_size: int) -> None:
-    """bank_drift_probe moves banked vectors, so it needs a bank; with a full refresh it has nothing to correct."""
-    if probe < 0:
-        raise ValueError(f"bank_drift_probe must be >= 0 pairs (0 = off), got {probe}")
-    if probe and bank_size == 0:
-        raise ValueError("bank_drift_probe corrects the memory bank for the encoder's drift, and memory_bank_size is "
-                         "0: give the bank a size, or set bank_drift_probe=0")
-    if probe and refresh_steps:
+    if refresh_steps and drift_probe:
         raise ValueError("bank_drift_probe and bank_refresh_steps are two staleness controls for the same thing (a "
                          "refresh re-encodes the whole bank, the probe estimates the common drift from a few pairs): "
                          "set one of them to 0")

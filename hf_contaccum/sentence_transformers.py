@@ -105,8 +105,7 @@ class ContAccumLoss(nn.Module):
                  bank_weight: float = 1.0, bank_warmup_steps: int = 0, bank_refresh_steps: int = 0,
                  bank_drift_probe: int = 0):
         super().__init__()
-        core.check_refresh(bank_refresh_steps, memory_bank_size, bank_hard_negatives)
-        core.check_drift_probe(bank_drift_probe, bank_refresh_steps, memory_bank_size)
+        core.check_bank_updates(bank_refresh_steps, bank_drift_probe, memory_bank_size, bank_hard_negatives)
         if similarity_fct not in SIMILARITIES:
             raise ValueError(f"similarity_fct must be sentence_transformers.util.cos_sim or dot_score, got "
                              f"{getattr(similarity_fct, '__name__', similarity_fct)}: the bank's cached scores need "

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from .loss import check_drift_probe, check_refresh
+from .loss import check_bank_updates
 
 
 @dataclass
@@ -121,8 +121,8 @@ class ContAccumTrainingArguments(TrainingArguments):
             raise ValueError(f"bank_weight must be in (0, 1] (1: every banked entry counts fully), got {self.bank_weight}")
         if self.bank_warmup_steps < 0:
             raise ValueError(f"bank_warmup_steps must be >= 0, got {self.bank_warmup_steps}")
-        check_refresh(self.bank_refresh_steps, self.passage_bank_size, self.bank_hard_negatives)
-        check_drift_probe(self.bank_drift_probe, self.bank_refresh_steps, self.passage_bank_size)
+        check_bank_updates(self.bank_refresh_steps, self.bank_drift_probe, self.passage_bank_size,
+                           self.bank_hard_negatives)
         if self.bank_chunk_size is not None and self.bank_chunk_size < 1:
             raise ValueError(f"bank_chunk_size must be >= 1, got {self.bank_chunk_size}")
         if self.query_bank_size > self.passage_bank_size:

@@ -120,6 +120,16 @@ def test_trainer_with_bank_equals_literal_contaccum(tmp_path, tokenizer, toy_dat
     assert logged == pytest.approx(expected, rel=1e-4)  # the Trainer divided by K exactly once
 
 
+def _assert_trains_as(trainer, reference, ref_losses, stale):
+    """trainer (K = 2) ends with the reference's parameters, not the stale run's, logging the reference's losses."""
+    trainer.train()
+    for (name, a), (_, b) in zip(trainer.model.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(trainer.model.parameters(), stale.parameters()))
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == pytest.approx([sum(ref_losses[i:i + 2]) / 2 for i in range(0, len(ref_losses), 2)], rel=1e-4)
+
+
 @pytest.mark.parametrize("one_tower_call", [False, True])
 def test_bank_refresh_equals_literal_contaccum_re_encoding_the_bank(tmp_path, tokenizer, toy_dataset, one_tower_call):
     """bank_refresh_steps=1: before every optimizer step each banked pair is encoded again by the current
@@ -134,12 +144,7 @@ def test_bank_refresh_equals_literal_contaccum_re_encoding_the_bank(tmp_path, to
                         mask_false_negatives=False, learning_rate=1e-2, bank_refresh_steps=1,
                         one_tower_call=one_tower_call)
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
-    trainer.train()
-    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
-        assert torch.allclose(a, b, atol=1e-5), name
-    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(model.parameters(), stale.parameters()))
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert logged == pytest.approx([sum(ref_losses[i:i + 2]) / 2 for i in range(0, 10, 2)], rel=1e-4)
+    _assert_trains_as(trainer, reference, ref_losses, stale)
     # every slot keeps the tokens of one training pair (as the collator cut them), query and positive together
     collate, bank = ContrastiveCollator(tokenizer, 16, 24), trainer.memory_bank
     pairs = {tuple(b["query_input_ids"][0].tolist()): tuple(b["passage_input_ids"][0].tolist())
@@ -149,10 +154,14 @@ def test_bank_refresh_equals_literal_contaccum_re_encoding_the_bank(tmp_path, to
     assert len(kept) == 12 and all(pairs[query] == passage for query, passage in kept)
 
 
-def test_bank_refresh_resumes_exactly_and_refuses_what_it_cannot_do(tmp_path, tokenizer, toy_dataset):
+@pytest.mark.parametrize("control", [{"bank_refresh_steps": 2}, {"bank_drift_probe": 3}])
+def test_bank_refresh_and_drift_probe_resume_exactly_and_refuse_what_they_cannot_do(tmp_path, tokenizer,
+                                                                                     toy_dataset, control):
+    """The refresh's kept tokens, and the probe's tokens and last means, are saved with the bank: a run resumed
+    mid-way equals the whole run."""
     ds = toy_dataset(40)
-    common = {"memory_bank_size": 12, "gradient_accumulation_steps": 2, "max_steps": 4, "bank_refresh_steps": 2,
-              "save_strategy": "steps", "save_steps": 2, "train_sampling_strategy": "random"}
+    common = {"memory_bank_size": 12, "gradient_accumulation_steps": 2, "max_steps": 4, "save_strategy": "steps",
+              "save_steps": 2, "train_sampling_strategy": "random", "learning_rate": 1e-2, **control}
     full = ContAccumTrainer(model=tiny_model(dropout=0.1), args=trainer_args(tmp_path / "a", **common),
                             train_dataset=ds, processing_class=tokenizer)
     full.train()
@@ -161,15 +170,22 @@ def test_bank_refresh_resumes_exactly_and_refuses_what_it_cannot_do(tmp_path, to
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
-    assert torch.equal(full.memory_bank.tokens["query"][0], resumed.memory_bank.tokens["query"][0])
+    assert torch.equal(full.memory_bank.passages, resumed.memory_bank.passages)
     full.create_model_card()
-    assert "| bank refresh (banked pairs encoded again every N steps) | 2 |" in (tmp_path / "a" / "out" / "README.md").read_text()
+    card = (tmp_path / "a" / "out" / "README.md").read_text()
+    if "bank_refresh_steps" in control:
+        assert torch.equal(full.memory_bank.tokens["query"][0], resumed.memory_bank.tokens["query"][0])
+        assert "| bank refresh (banked pairs encoded again every N steps) | 2 |" in card
+    else:
+        assert torch.equal(full.contrastive_loss.drift_means, resumed.contrastive_loss.drift_means)
+        assert "| bank drift probe (pairs whose mean change moves the bank each step) | 3 |" in card
+    (name, _), = control.items()
+    with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+        trainer_args(tmp_path, **{name: -1})
+    with pytest.raises(ValueError, match="memory_bank_size is 0"):
+        trainer_args(tmp_path, memory_bank_size=0, **control)
     with pytest.raises(ValueError, match="not banked hard negatives"):
         trainer_args(tmp_path, memory_bank_size=8, bank_hard_negatives=True, bank_refresh_steps=1)
-    with pytest.raises(ValueError, match="bank_refresh_steps must be >= 0"):
-        trainer_args(tmp_path, bank_refresh_steps=-1)
-    with pytest.raises(ValueError, match="memory_bank_size is 0"):
-        trainer_args(tmp_path, memory_bank_size=0, bank_refresh_steps=1)
 
 
 @pytest.mark.parametrize("similarity", ["dot", "cos"])
@@ -185,12 +201,7 @@ def test_bank_drift_probe_equals_literal_contaccum_moving_the_bank(tmp_path, tok
     args = trainer_args(tmp_path, gradient_accumulation_steps=2, max_steps=5, memory_bank_size=12,
                         mask_false_negatives=False, learning_rate=1e-2, bank_drift_probe=3, similarity=similarity)
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
-    trainer.train()
-    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
-        assert torch.allclose(a, b, atol=1e-5), name
-    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(model.parameters(), stale.parameters()))
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert logged == pytest.approx([sum(ref_losses[i:i + 2]) / 2 for i in range(0, 10, 2)], rel=1e-4)
+    _assert_trains_as(trainer, reference, ref_losses, stale)
 
     class Recording(ContAccumTrainer):
         def embed(self, model, features):
@@ -203,28 +214,6 @@ def test_bank_drift_probe_equals_literal_contaccum_moving_the_bank(tmp_path, tok
     assert all(training for rows, training in modes if rows == 4)
     with pytest.raises(ValueError, match="set one of them to 0"):
         trainer_args(tmp_path, memory_bank_size=8, bank_refresh_steps=1, bank_drift_probe=4)
-    with pytest.raises(ValueError, match="memory_bank_size is 0"):
-        trainer_args(tmp_path, memory_bank_size=0, bank_drift_probe=4)
-
-
-def test_bank_drift_probe_resumes_exactly(tmp_path, tokenizer, toy_dataset):
-    """The probe's tokens and last means are saved with the bank: a run resumed mid-way equals the whole run."""
-    ds = toy_dataset(40)
-    common = {"memory_bank_size": 12, "gradient_accumulation_steps": 2, "max_steps": 4, "bank_drift_probe": 3,
-              "save_strategy": "steps", "save_steps": 2, "train_sampling_strategy": "random", "learning_rate": 1e-2}
-    full = ContAccumTrainer(model=tiny_model(dropout=0.1), args=trainer_args(tmp_path / "a", **common),
-                            train_dataset=ds, processing_class=tokenizer)
-    full.train()
-    resumed = ContAccumTrainer(model=tiny_model(seed=5, dropout=0.1), args=trainer_args(tmp_path / "b", **common),
-                               train_dataset=ds, processing_class=tokenizer)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
-    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
-        assert torch.equal(a, b), name
-    assert torch.equal(full.contrastive_loss.drift_means, resumed.contrastive_loss.drift_means)
-    assert torch.equal(full.memory_bank.passages, resumed.memory_bank.passages)
-    full.create_model_card()
-    assert "| bank drift probe (pairs whose mean change moves the bank each step) | 3 |" in \
-        (tmp_path / "a" / "out" / "README.md").read_text()
 
 
 def test_logs_bank_statistics(tmp_path, tokenizer, toy_dataset):
