@@ -117,9 +117,9 @@ class TrainingDiagnostics:
             "of the number of candidates and nothing is learned. Stopped before saving a collapsed checkpoint. "
             "Usual causes and fixes: an encoder that moves fast against a stale bank (from scratch, random "
             "weights, a high learning rate: set bank_drift_probe=8 (cheap: the bank follows the encoder's common "
-            "drift), bank_refresh_steps=1, or use GradCache: memory_bank_size=0 with gradcache_chunk_size), a passage-only bank (query_memory_bank_size=0) or a bank much larger than "
-            "one optimizer step (use memory_bank_size about per_device_train_batch_size x "
-            "gradient_accumulation_steps), a learning rate too high (lower it, add warm-up), a temperature too "
+            "drift), bank_refresh_steps=1, or use GradCache: memory_bank_size=0 with gradcache_chunk_size), a "
+            "passage-only bank (query_memory_bank_size=0) or a bank much larger than one optimizer step (use "
+            "memory_bank_size about per_device_train_batch_size x gradient_accumulation_steps), a learning rate too high (lower it, add warm-up), a temperature too "
             "low for dot product (use similarity='cos' with temperature 0.05). collapse_patience=0 turns this "
             "check off.")
 

@@ -125,7 +125,7 @@ class ContAccumLoss(nn.Module):
         self.collapse_patience = collapse_patience
         self.bank_refresh_steps = bank_refresh_steps
         self.bank_drift_probe = bank_drift_probe
-        self.bank_update_due = False  # set by ContAccumBankCallback when a step that refreshes or moves the bank begins
+        self.bank_update_due = False  # set by ContAccumBankCallback when a step that updates the bank begins
         self._column_settings = {}  # the bank's re-encodings: each column's non-tensor features (e.g. modality)
         self.checkpointed = False  # set by ContAccumBankCallback
         self._warned = False
@@ -263,7 +263,8 @@ class ContAccumBankCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.loss.contaccum.start_step(state.global_step)
         refresh = self.loss.bank_refresh_steps
-        self.loss.bank_update_due = bool(refresh) and state.global_step % refresh == 0 or bool(self.loss.bank_drift_probe)
+        refresh_due = bool(refresh) and state.global_step % refresh == 0
+        self.loss.bank_update_due = refresh_due or bool(self.loss.bank_drift_probe)  # the probe: every step
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.loss.contaccum.check_finite()
