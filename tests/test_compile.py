@@ -11,7 +11,8 @@ from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 MODES = {"bank and banked hard negatives": {},
          "hybrid (GradCache chunks + bank)": {"gradcache_chunk_size": 2},
          "padded to a multiple of 16": {"pad_to_multiple_of": 16},
-         "one tower call": {"one_tower_call": True}}
+         "one tower call": {"one_tower_call": True},
+         "drift probe (an eval-mode call before each step)": {"bank_drift_probe": 2}}
 
 
 def _train(tmp_path, tokenizer, compiled, **overrides):
