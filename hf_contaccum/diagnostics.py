@@ -16,10 +16,11 @@ COLLAPSE_SPREAD = 1e-4  # total variance of unit vectors below which a batch cou
 UNIFORM_LOSS = 0.99
 LEARNED_LOSS = 0.9
 # A run that reads the memory bank and never leaves the uniform loss (measured: an encoder from scratch with a stale
-# bank at lr 1e-4 never went below 0.93 x and stayed above UNIFORM_LOSS from about step 50 of 300; no healthy run
-# of ours stayed above UNIFORM_LOSS for more than 5 steps in a row: from scratch, gradient accumulation 3, GradCache
-# 5, the refreshed bank 3) is stopped after this many times the patience: slower than a collapse after learning,
-# since a run may start at the uniform loss. On that run the guard stopped at step 114.
+# bank at lr 1e-4 never went below 0.93 x and stayed above UNIFORM_LOSS from about step 50 of 300) is stopped after
+# this many times the patience: slower than a collapse after learning, since a run may start at the uniform loss.
+# Healthy runs of ours stayed above UNIFORM_LOSS for at most 15 steps in a row (from scratch: gradient accumulation
+# 3, GradCache 5, the refreshed bank 3, the bank moved by bank_drift_probe 2-7, once 15). On the stuck run the guard
+# stopped at step 114.
 STUCK_PATIENCE_FACTOR = 5
 
 
@@ -119,9 +120,9 @@ class TrainingDiagnostics:
             "weights, a high learning rate: set bank_drift_probe=8 (cheap: the bank follows the encoder's common "
             "drift), bank_refresh_steps=1, or use GradCache: memory_bank_size=0 with gradcache_chunk_size), a "
             "passage-only bank (query_memory_bank_size=0) or a bank much larger than one optimizer step (use "
-            "memory_bank_size about per_device_train_batch_size x gradient_accumulation_steps), a learning rate too high (lower it, add warm-up), a temperature too "
-            "low for dot product (use similarity='cos' with temperature 0.05). collapse_patience=0 turns this "
-            "check off.")
+            "memory_bank_size about per_device_train_batch_size x gradient_accumulation_steps), a learning rate "
+            "too high (lower it, add warm-up), a temperature too low for dot product (use similarity='cos' with "
+            "temperature 0.05). collapse_patience=0 turns this check off.")
 
     def pop(self, bank_fill: int) -> dict:
         """Means since the last call, for a log line: negatives per query, the GradNormRatios; the bank fill."""

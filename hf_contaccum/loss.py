@@ -345,20 +345,27 @@ class ContAccumLoss(nn.Module):
             self.drift_probe = {side: {key: t[:size].clone() for key, t in f.items()} for side, f in features.items()}
 
     @torch.no_grad()
-    def correct_drift(self, encode) -> None:
+    def correct_drift(self, encode, model: nn.Module) -> None:
         """Move every banked vector by the encoder's drift since the last call, measured on the probe.
 
         Call at the start of each optimizer step with `encode` ({"query": features, "passage": features} ->
-        (query vectors, passage vectors), no gradient, no dropout: eval mode). The change of the probe's mean
-        query (passage) vector since the last call is added to every banked query (passage, hard negative), which
-        the last call had brought up to date, so the whole bank follows the encoder's common move. Why: banked
-        vectors left where they were let the encoder lower every banked negative's logit at once by moving all its
-        vectors away from them (measured from scratch: README, "the bank makes the encoder flee its own past"); a
-        common shift is what a full refresh corrects for 2 x N_mem forward passes, this for 2 x the probe's pairs.
+        (query vectors, passage vectors)) and the `model` it calls, which encodes the probe in eval mode (no
+        dropout: the probe's change is then the encoder's alone) and returns to its mode after. The change of the
+        probe's mean query (passage) vector since the last call is added to every banked query (passage, hard
+        negative), which the last call had brought up to date, so the whole bank follows the encoder's common
+        move. Why: banked vectors left where they were let the encoder lower every banked negative's logit at once
+        by moving all its vectors away from them (measured from scratch: README, "the bank makes the encoder flee
+        its own past"); a common shift is what a full refresh corrects for 2 x N_mem forward passes, this for
+        2 x the probe's pairs.
         With a global bank every process encodes its own probe and the means are averaged across processes."""
         if self.drift_probe is None:
             return
-        queries, passages = encode(self.drift_probe)
+        was_training = model.training
+        model.eval()
+        try:
+            queries, passages = encode(self.drift_probe)
+        finally:
+            model.train(was_training)
         means = torch.stack([self._prepare(queries).mean(0), self._prepare(passages).mean(0)])
         if self._bank_processes()[1] > 1:  # one shift for the one global bank, the same on every process
             means = gather_without_grad(means[None]).mean(0)

@@ -176,11 +176,7 @@ class ContAccumLoss(nn.Module):
             if self.bank_refresh_steps:
                 self.contaccum.refresh_bank(self._encode_pairs)
             else:
-                self.model.eval()  # no dropout: the probe's change is then the encoder's alone
-                try:
-                    self.contaccum.correct_drift(self._encode_pairs)
-                finally:
-                    self.model.train()
+                self.contaccum.correct_drift(self._encode_pairs, self.model)
         if self.bank_refresh_steps:
             self.contaccum.keep_tokens(tokens)
 

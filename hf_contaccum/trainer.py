@@ -192,10 +192,8 @@ class ContAccumTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.contrastive_loss.train(model.training)
         columns = {side: side_features(inputs, side) for side in ("query", "passage")}
-        if self.args.bank_refresh_steps and model.training and torch.is_grad_enabled():
-            self._refresh_and_keep_tokens(model, columns, inputs["query_input_ids"].shape[0])
-        if self.args.bank_drift_probe and model.training and torch.is_grad_enabled():
-            self._correct_drift(model, columns, inputs["query_input_ids"].shape[0])
+        if (self.args.bank_refresh_steps or self.args.bank_drift_probe) and model.training and torch.is_grad_enabled():
+            self._update_bank_before_step(model, columns, inputs["query_input_ids"].shape[0])
 
         def loss_from_embeddings(embeddings):
             positives, hard_negatives = split_passages(embeddings["passage"], inputs["hard_negative_keys"])
@@ -208,27 +206,22 @@ class ContAccumTrainer(Trainer):
             loss = loss_from_embeddings(self.embed(model, columns))
         return (loss, {}) if return_outputs else loss
 
-    def _refresh_and_keep_tokens(self, model, columns: dict, n: int) -> None:
-        self.contrastive_loss.move_bank_to(columns["query"]["input_ids"].device)  # a resumed bank starts on the CPU
-        step = self.state.global_step
-        if step % self.args.bank_refresh_steps == 0 and self.refreshed_at_step != step:  # the step's first micro-batch
-            self.refreshed_at_step = step
-            self.refresh_bank(model)
-        self.contrastive_loss.keep_tokens({
-            side: {key: columns[side][key][:n] for key in ("input_ids", "attention_mask")} for side in columns})
-
-    def _correct_drift(self, model, columns: dict, n: int) -> None:
-        loss, step = self.contrastive_loss, self.state.global_step
+    def _update_bank_before_step(self, model, columns: dict, n: int) -> None:
+        """bank_refresh_steps / bank_drift_probe: at a step's first micro-batch re-encode the bank (or the probe and
+        move the bank), and keep the tokens they need (passages: the n positives)."""
+        loss, step, args = self.contrastive_loss, self.state.global_step, self.args
         loss.move_bank_to(columns["query"]["input_ids"].device)  # a resumed bank starts on the CPU
-        loss.keep_drift_probe({side: {key: columns[side][key][:n] for key in ("input_ids", "attention_mask")}
-                               for side in columns}, self.args.bank_drift_probe)  # passages: the positives
-        if self.refreshed_at_step != step:  # the step's first micro-batch
+        tokens = {side: {key: columns[side][key][:n] for key in ("input_ids", "attention_mask")} for side in columns}
+        if args.bank_drift_probe:
+            loss.keep_drift_probe(tokens, args.bank_drift_probe)
+        if step % (args.bank_refresh_steps or 1) == 0 and self.refreshed_at_step != step:  # a step's first micro-batch
             self.refreshed_at_step = step
-            model.eval()  # no dropout: the probe's change is then the encoder's alone
-            try:
-                loss.correct_drift(self._pair_encoder(model))
-            finally:
-                model.train()
+            if args.bank_refresh_steps:
+                self.refresh_bank(model)
+            else:
+                loss.correct_drift(self._pair_encoder(model), model)
+        if args.bank_refresh_steps:
+            loss.keep_tokens(tokens)
 
     def refresh_bank(self, model=None, block: int = 256) -> None:
         """Encode every banked pair again with the current encoder (bank_refresh_steps), through `embed`, in the

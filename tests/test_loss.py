@@ -169,7 +169,7 @@ def test_drift_probe_moves_every_banked_vector_and_the_loss_reads_them_moved(sim
         bank = loss_fn.bank
         before = [t[:bank.fill].clone() for t in (bank.queries, bank.passages, bank.hard_negatives)] if step else None
         encoder_step[0] = step
-        loss_fn.correct_drift(encode)
+        loss_fn.correct_drift(encode, torch.nn.Identity())
         if step:
             expected_shift = [unit(probe_q + step * drift[0]).mean(0) - unit(probe_q + (step - 1) * drift[0]).mean(0),
                               unit(probe_p + step * drift[1]).mean(0) - unit(probe_p + (step - 1) * drift[1]).mean(0)]
