@@ -1,9 +1,10 @@
 #!/bin/bash
 # Issue 14's evidence at the issue's scale, on one GPU (~7-10 minutes): N_total 128 = 8 x 16, 150 optimizer
-# steps, lr 5e-5 (the held-out task's), 3 seeds, on WordNet, Debian package search and code search, every
-# method of benchmarks/staleness.py (GradAccum, GradCache, full batch, N_mem = N_total, N_mem = 4 x N_total
-# plain / weighted / warmed up / refreshed every step or every 4). One process per (task, seed), all at once; each saves after every run, so a
-# cut-off call still returns what finished. Here, first: python benchmarks/gpu_carry.py (builds .gpu_carry/:
+# steps, lr 5e-5 (the held-out task's), 3 seeds, on WordNet, Debian package search and code search: GradAccum,
+# GradCache, full batch, N_mem = N_total, N_mem = 4 x N_total plain / refreshed every step / moved by the drift
+# probe (the settings that mattered at N_total 32 and on the CPU at N_total 128; METHODS= (empty) runs every
+# method of benchmarks/staleness.py, which may not fit one 10-minute call). One process per (task, seed), all at
+# once; each saves after every run, so a cut-off call still returns what finished. Here, first: python benchmarks/gpu_carry.py (builds .gpu_carry/:
 # wheels, MiniLM in fp16, the two built tasks); then run(command="bash benchmarks/gpu_staleness.sh",
 # carry=[".gpu_carry/wheels", ".gpu_carry/minilm", ".gpu_carry/tasks"], timeout_s=600) (49 MiB: the test wheels
 # would take the call over its 64 MiB). Settings can be overridden for a CPU smoke run:
@@ -12,6 +13,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 N_TOTAL=${N_TOTAL:-128}; STEPS=${STEPS:-150}; SEEDS=${SEEDS:-3}; TASKS=${TASKS:-"wordnet debian code"}
 LIMIT=${LIMIT:-540}; LR=${LR:-5e-5}
+BIG=$((4 * N_TOTAL))
+METHODS=${METHODS-"gradaccum,gradcache,full,contaccum-$N_TOTAL,contaccum-$BIG,contaccum-$BIG-fresh,contaccum-$BIG-drift"}
 export OMP_NUM_THREADS=1
 . benchmarks/gpu_env.sh
 if [ -d "$CARRY/minilm" ]; then  # fp16 on the way: widen to fp32 (transformers would keep fp16)
