@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as collectives
-import torch.distributed.nn.functional
 
 
 def world() -> tuple[int, int]:
@@ -20,12 +18,33 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient and keeps this rank's slice.
+
+    Synchronous collectives only, on purpose: torch's functional collectives (an async work handle
+    awaited by wait_tensor) segfaulted inside the backward's reduce-scatter about once in 25 two-process
+    gloo launches under DeepSpeed ZeRO-2 (torch 2.13). The backward all-reduces the whole gradient and
+    slices it instead of a reduce-scatter, which gloo only emulates with an all-reduce anyway; these are
+    embeddings (N_total x dim), small next to the model's own gradient all-reduce."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.rank, world_size = dist.get_rank(), dist.get_world_size()
+        ctx.rows = t.shape[0]
+        parts = [torch.empty_like(t) for _ in range(world_size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # the all-reduce writes in place: not autograd's buffer
+        dist.all_reduce(grad)
+        return grad.narrow(0, ctx.rank * ctx.rows, ctx.rows)
+
+
 def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's `t` concatenated along dim 0 in rank order, keeping autograd.
-    torch's successor of the deprecated torch.distributed.nn all_gather."""
-    if hasattr(collectives, "all_gather_single_autograd"):
-        return collectives.all_gather_single_autograd(t.contiguous(), 0, dist.group.WORLD)
-    return torch.cat(torch.distributed.nn.functional.all_gather(t))
+    """Every rank's `t` concatenated along dim 0 in rank order, keeping autograd (see _GatherWithGrad)."""
+    return _GatherWithGrad.apply(t.contiguous())
 
 
 def gather_without_grad(t: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,11 @@
 """Two CPU processes (gloo) against one process on the global batch (design.md §3)."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import tiny_model, toy_rows, trainer_args
+from conftest import launch, tiny_model, toy_rows, trainer_args
 
 from hf_contaccum import ContAccumTrainer
 
@@ -17,14 +16,12 @@ CONFIG = {"rows": 48, "negatives": 1, "args": {
 
 
 def _launch(tmp_path, config, launcher="torchrun", timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher]
     cmd += [WORKER, str(tmp_path), json.dumps(config)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch(cmd, timeout=timeout)
     return json.loads((tmp_path / "result.json").read_text()), torch.load(tmp_path / "params.pt")
 
 
@@ -148,3 +145,23 @@ def test_cpu_recipe_runs_a_real_training_step(tmp_path):
     config = dict(CONFIG, args=dict(CONFIG["args"], max_steps=1))
     result, _ = _launch(tmp_path, config, launcher=os.path.join(CONFIG_DIR, "cpu_2proc.yaml"))
     assert result["steps"] == 1 and result["checksums"][0] == result["checksums"][1]
+
+
+def test_launch_retries_a_native_crash_once_and_nothing_else(tmp_path):
+    """conftest.launch against torchrun's real report: a worker killed by SIGSEGV is launched once more (and
+    must then succeed); a worker that raises is not retried."""
+    script = tmp_path / "worker.py"
+    script.write_text("import os, signal, sys, pathlib\n"
+                      "marker = pathlib.Path(sys.argv[1]) / f'ran{os.environ[\"RANK\"]}'\n"
+                      "attempt = int(marker.read_text()) + 1 if marker.exists() else 1\n"
+                      "marker.write_text(str(attempt))\n"
+                      "if sys.argv[2] == 'raise': raise SystemExit('a Python error')\n"
+                      "if attempt == 1 and os.environ['RANK'] == '1': os.kill(os.getpid(), signal.SIGSEGV)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
+    with pytest.warns(UserWarning, match="SIGSEGV"):
+        launch(cmd + ["crash"])
+    assert (tmp_path / "ran1").read_text() == "2"
+    with pytest.raises(AssertionError, match="a Python error"):
+        launch(cmd + ["raise"])
+    assert (tmp_path / "ran1").read_text() == "3"  # one more run, no retry

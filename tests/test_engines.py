@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_model, toy_rows, trainer_args
+from conftest import launch, tiny_model, toy_rows, trainer_args
 
 from hf_contaccum import BiEncoder, ContAccumTrainer
 
@@ -46,21 +46,20 @@ def _cpu_copy(engine, tmp_path):
     return str(path)
 
 
-def _launch(engine, tmp_path, out, init, **overrides):
+def _launch(engine, tmp_path, out, init, check=True, **overrides):
     _, forced = ENGINES[engine]
     if forced == "deepspeed":
         pytest.importorskip("deepspeed", reason="pip install deepspeed (the test extra installs it)")
     args = dict(ARGS, use_cpu=forced is None, **overrides.pop("args", {}))
     config = {"rows": ROWS, "negatives": NEGATIVES, "engine": forced, "init": str(init), "args": args, **overrides}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", _cpu_copy(engine, tmp_path),
            WORKER, str(out), json.dumps(config)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    return proc
+    return launch(cmd, timeout=300, check=check)
 
 
-def _result(proc, out):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+def _train(engine, tmp_path, out, init, **overrides):
+    """Launch a training that must succeed; what rank 0 wrote: (result.json, parameters)."""
+    _launch(engine, tmp_path, out, init, **overrides)
     return json.loads((out / "result.json").read_text()), torch.load(out / "params.pt")
 
 
@@ -98,7 +97,7 @@ def _assert_same_training(result, params, trainer, atol=1e-6):
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_engine_trains_checkpoints_and_resumes_exactly(engine, tmp_path, init_model, tokenizer):
     out = tmp_path / "run"
-    result, params = _result(_launch(engine, tmp_path, out, init_model), out)
+    result, params = _train(engine, tmp_path, out, init_model)
     _assert_same_training(result, params, _single_process(tmp_path / "single", init_model, tokenizer))
     checkpoint = out / "out" / "checkpoint-2"
     files = {p.name for p in checkpoint.iterdir()}
@@ -107,8 +106,7 @@ def test_engine_trains_checkpoints_and_resumes_exactly(engine, tmp_path, init_mo
         assert "global_step2" in files, files  # the engine's own sharded checkpoint
     # resume from step 2 in a fresh launch: the same steps 3-4, parameters and bank as uninterrupted
     resumed_out = tmp_path / "resumed"
-    resumed, resumed_params = _result(_launch(engine, tmp_path, resumed_out, init_model, resume=str(checkpoint)),
-                                      resumed_out)
+    resumed, resumed_params = _train(engine, tmp_path, resumed_out, init_model, resume=str(checkpoint))
     assert resumed["steps"] == 4
     assert resumed["losses"] == pytest.approx(result["losses"], rel=1e-6)  # steps 1-2 come from trainer_state.json
     assert resumed["checksums"] == result["checksums"]
@@ -121,14 +119,13 @@ def test_gradcache_under_sharding_engine_equals_one_process(engine, tmp_path, in
     """DeepSpeed reduces a gradient as it is accumulated and refuses a second one per step; GradCache
     then hands each parameter the sum of its chunks once (gradcache.py)."""
     out = tmp_path / "run"
-    proc = _launch(engine, tmp_path, out, init_model, args={"gradcache_chunk_size": 1, "save_strategy": "no"})
-    result, params = _result(proc, out)
+    result, params = _train(engine, tmp_path, out, init_model, args={"gradcache_chunk_size": 1, "save_strategy": "no"})
     single = _single_process(tmp_path / "single", init_model, tokenizer, gradcache_chunk_size=1)
     _assert_same_training(result, params, single, atol=5e-6)
 
 
 def test_gradcache_under_zero3_is_refused_before_training(tmp_path, init_model):
-    proc = _launch("deepspeed_zero3", tmp_path, tmp_path / "run", init_model,
+    proc = _launch("deepspeed_zero3", tmp_path, tmp_path / "run", init_model, check=False,
                    args={"gradcache_chunk_size": 1, "save_strategy": "no"})
     assert proc.returncode != 0
     assert "does not work under DeepSpeed ZeRO-3" in proc.stderr and "ZeRO-2" in proc.stderr
@@ -168,7 +165,7 @@ def test_lora_towers_two_processes_equal_one_process(tmp_path, tokenizer, gradca
     BiEncoder.from_encoder_config(tiny_bert_config(), shared=False, peft_config=lora).save_pretrained(init)
     overrides = {"gradcache_chunk_size": gradcache_chunk_size, "save_strategy": "no"}
     out = tmp_path / "run"
-    result, params = _result(_launch("ddp", tmp_path, out, init, args=overrides), out)
+    result, params = _train("ddp", tmp_path, out, init, args=overrides)
     single = _single_process(tmp_path / "single", init, tokenizer, **overrides)
     assert sum(p.requires_grad for p in single.model.parameters()) == 8  # A and B of query and value, two towers
     _assert_same_training(result, params, single)
@@ -177,6 +174,5 @@ def test_lora_towers_two_processes_equal_one_process(tmp_path, tokenizer, gradca
 def test_compiled_two_processes_equal_one_eager_process(tmp_path, init_model, tokenizer):
     """torch_compile=True under DDP (the bank gathered across processes) against eager, one process."""
     out = tmp_path / "run"
-    result, params = _result(_launch("ddp", tmp_path, out, init_model, args={"torch_compile": True,
-                                                                            "save_strategy": "no"}), out)
+    result, params = _train("ddp", tmp_path, out, init_model, args={"torch_compile": True, "save_strategy": "no"})
     _assert_same_training(result, params, _single_process(tmp_path / "single", init_model, tokenizer), atol=1e-5)

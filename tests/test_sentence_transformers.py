@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_bert_config, toy_rows, trainer_args
+from conftest import launch, make_tokenizer, tiny_bert_config, toy_rows, trainer_args
 
 st = pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -304,17 +304,13 @@ def test_config_and_citation(encoder_dir):
 
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, encoder_dir):
     import json
-    import subprocess
     import sys
 
     path = encoder_dir()
     config = {"rows": 24, "batch": 8, "steps": 3, "bank": 12}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     worker = os.path.join(os.path.dirname(__file__), "st_dist_worker.py")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           worker, str(tmp_path), path, json.dumps(config)], env=env, capture_output=True, text=True,
-                          timeout=240, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            worker, str(tmp_path), path, json.dumps(config)])
     result = torch.load(tmp_path / "st_dist.pt")
     assert result["checksums"][0] == result["checksums"][1]  # one global bank, identical on both ranks
 
