@@ -152,8 +152,8 @@ def launch(cmd, timeout=240, check=True):
     """Run a multi-process launch (torchrun / accelerate launch of a test worker) and assert it succeeded.
 
     Retried once, with a warning, only when a worker died of a native crash: torch 2.13's gloo on CPU
-    segfaulted inside a collective about once in 80 two-process launches (seen under DeepSpeed ZeRO-2, in
-    the functional collectives' wait, since replaced, and once more in CI). A Python error, a failed check
+    segfaulted inside a collective (under DeepSpeed ZeRO-2, in the functional collectives' wait, since
+    replaced: once in CI, once in ~90 train-and-resume test pairs here). A Python error, a failed check
     in the worker, a hang, or a second crash still fails the test; the retried run must pass every check.
     check=False: return the finished process, failed or not (for tests that expect a refusal)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
