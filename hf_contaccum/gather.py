@@ -22,10 +22,11 @@ class _GatherWithGrad(torch.autograd.Function):
     """all_gather forward; backward sums every rank's gradient and keeps this rank's slice.
 
     Synchronous collectives only, on purpose: torch's functional collectives (an async work handle
-    awaited by wait_tensor) segfaulted inside the backward's reduce-scatter under gloo and DeepSpeed ZeRO-2
-    (torch 2.13): once in CI, once in ~90 two-process train-and-resume test pairs here. The backward all-reduces the whole gradient and
-    slices it instead of a reduce-scatter, which gloo only emulates with an all-reduce anyway; these are
-    embeddings (N_total x dim), small next to the model's own gradient all-reduce."""
+    awaited by wait_tensor) segfaulted inside the backward's reduce-scatter under gloo and DeepSpeed
+    ZeRO-2 (torch 2.13): once in CI, once in ~90 two-process train-and-resume test pairs here. The
+    backward all-reduces the whole gradient and slices it instead of a reduce-scatter, which gloo only
+    emulates with an all-reduce anyway; these are embeddings (N_total x dim), small next to the model's
+    own gradient all-reduce."""
 
     @staticmethod
     def forward(ctx, t):
