@@ -148,6 +148,11 @@ def saved_base_model(path, config, tokenizer, seed=0):
 NATIVE_CRASH = re.compile(r"Signal (?:6|7|11) \((?:SIGABRT|SIGBUS|SIGSEGV)\)")
 
 
+def worker_env():
+    """The environment of a launched test worker: one thread per process, and this interpreter's imports."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+
+
 def launch(cmd, timeout=240, check=True):
     """Run a multi-process launch (torchrun / accelerate launch of a test worker) and assert it succeeded.
 
@@ -156,9 +161,8 @@ def launch(cmd, timeout=240, check=True):
     replaced: once in CI, once in ~90 train-and-resume test pairs here). A Python error, a failed check
     in the worker, a hang, or a second crash still fails the test; the retried run must pass every check.
     check=False: return the finished process, failed or not (for tests that expect a refusal)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     for attempt in (1, 2):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout, check=False)
         crash = proc.returncode != 0 and NATIVE_CRASH.search(proc.stderr)
         if not crash or attempt == 2:
             break

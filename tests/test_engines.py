@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import launch, tiny_model, toy_rows, trainer_args
+from conftest import launch, tiny_model, toy_rows, trainer_args, worker_env
 
 from hf_contaccum import BiEncoder, ContAccumTrainer
 
@@ -135,14 +135,13 @@ def test_two_machines_documented_command(tmp_path, init_model, tokenizer):
     """README's multi-node command, with two launches on this machine standing in for two machines
     (--num_machines 2, one process each, machine 0's address and port): the same training as one process."""
     port, out = str(_free_port()), tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     config = json.dumps({"rows": ROWS, "negatives": NEGATIVES, "init": str(init_model),
                          "args": dict(ARGS, save_strategy="no")})
     machines = [subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIG_DIR, "cpu_2proc.yaml"),
          "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
          "--main_process_port", port, "--num_processes", "2", WORKER, str(out), config],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+        env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
     outputs = [machine.communicate(timeout=300) for machine in machines]
     for machine, (stdout, stderr) in zip(machines, outputs):
         assert machine.returncode == 0, stdout[-3000:] + stderr[-6000:]
