@@ -17,6 +17,11 @@ def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_name() -> str:
+    """Recorded with each run: results made on a GPU and on a CPU differ by their dropout masks, not only speed."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def memory_mark():
     """Memory in use now (MiB): CUDA allocations on a GPU, the process RSS on a CPU."""
     if device() == "cuda":

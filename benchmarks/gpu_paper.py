@@ -186,10 +186,20 @@ def bank_mib(loss) -> float:
     return (sum(t.numel() * t.element_size() for t in tensors if t is not None) + loss.bank_lse.nbytes()) / 2**20
 
 
+# which of torch's attention kernels SDPA may pick (on CUDA): the profile of session 16 on an H200 found cuDNN's
+# attention taking 0.7-0.8 ms of host time per call, against ~25 us of GPU time, i.e. ~35 ms of a 60 ms micro-step
+ATTENTION = {"default": None, "no-cudnn": ("flash", "mem_efficient", "math"), "efficient": ("mem_efficient", "math"),
+             "math": ("math",)}
+
+
 def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, path: str,
-               profile_dir: str | None = None, extra_args: dict | None = None) -> dict:
+               profile_dir: str | None = None, extra_args: dict | None = None, attention: str = "default") -> dict:
     import torch
     from datasets import Dataset
+
+    if ATTENTION[attention]:
+        for kernel in ("flash", "mem_efficient", "cudnn", "math"):
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp")(kernel in ATTENTION[attention])
 
     cuda = torch.cuda.is_available()
     passage_tokens = 32 if tiny else PASSAGE_TOKENS
@@ -246,7 +256,8 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, p
             "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "max_memory_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if cuda else None,
             "bank_mib": bank_size,
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": tiny, "trainer_args": extra_args or {}}
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": tiny, "trainer_args": extra_args or {},
+            "attention": attention}
 
 
 def report(folder: str) -> list[dict]:
@@ -313,6 +324,8 @@ def main(argv=None):
     parser.add_argument("--trainer_args", default="{}", help="JSON of extra training arguments for every method, "
                         "e.g. '{\"accelerator_config\": {\"non_blocking\": true}}' or '{\"dataloader_num_workers\": 4}'")
     parser.add_argument("--method_timeout", type=float, default=None, help="seconds one method may take")
+    parser.add_argument("--attention", choices=sorted(ATTENTION), default="default",
+                        help="the SDPA kernels allowed on CUDA (default: torch's choice, cuDNN's on an H100/H200)")
     parser.add_argument("--report", default=None, metavar="DIR", help="print and plot the runs saved in DIR")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one method
     parser.add_argument("--encoder", default=None, help=argparse.SUPPRESS)  # child process: the model folder
@@ -321,7 +334,7 @@ def main(argv=None):
         return report(args.report)
     if args.one:
         result = run_method(args.one, args.n_total, args.steps, args.warmup, args.tiny, args.encoder, args.profile,
-                            json.loads(args.trainer_args))
+                            json.loads(args.trainer_args), args.attention)
         print("RESULT " + json.dumps(result))
         return None
     results, start = [], time.time()
@@ -330,7 +343,7 @@ def main(argv=None):
         cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--n_total", str(args.n_total),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--encoder", encoder] + (
                    ["--tiny"] if args.tiny else []) + (["--profile", args.profile] if args.profile else []) + [
-                   "--trainer_args", args.trainer_args]
+                   "--trainer_args", args.trainer_args, "--attention", args.attention]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.method_timeout,
                                   env=dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"))

@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import device
+from _harness import device, device_name
 
 N_LOCAL = 8
 
@@ -129,7 +129,7 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
     # guard reads: kept so that its thresholds can be checked against the runs
     losses = [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h]  # (the final summary logs train_loss)
     return {"method": method, "seed": seed, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"],
-            "grad_norm_ratio": ratios, "loss": losses, **stopped}
+            "grad_norm_ratio": ratios, "loss": losses, "device": device_name(), **stopped}
 
 
 def plot(table, results, sweep_methods, bank_sizes, main_method, path):

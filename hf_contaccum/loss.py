@@ -173,7 +173,11 @@ class ContAccumLoss(nn.Module):
             q_bank, pk_all, hk_all = (gather_without_grad(t) for t in (queries, positive_keys, hard_negative_keys))
             p_all = gather_with_grad(positives)
             hn_all = gather_with_grad(hard_negatives) if hard_negatives is not None else None
-        loss, stats, bank_readers = self._infonce(queries, p_all, pk_all, hn_all, hk_all, training, rank, size)
+        # autocast off: the logits are fp32 (as _prepare means them to be), and the products read the bank in place.
+        # Under bf16 autocast each product cast the N_mem x d bank to bf16 and kept that copy for its backward:
+        # 2 x 96 MiB at N_mem 65,536 x 768, the size of the excess over vectors and cache measured on an H200.
+        with torch.autocast(queries.device.type, enabled=False):
+            loss, stats, bank_readers = self._infonce(queries, p_all, pk_all, hn_all, hk_all, training, rank, size)
         if training and self.defer_finite_check:  # on the device; check_finite() reads it once per step
             bad = ~torch.isfinite(loss.detach())
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad

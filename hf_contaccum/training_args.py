@@ -106,8 +106,8 @@ class ContAccumTrainingArguments(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         self.memory_bank_size = self._bank_size(self.memory_bank_size)  # 'auto' or '1024' (command line) -> int
-        if self.dataloader_pin_memory and not torch.cuda.is_available():
-            self.dataloader_pin_memory = False  # pinning needs a GPU; on a CPU it only prints a warning
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
+            self.dataloader_pin_memory = False  # pinning serves a GPU; training on a CPU it only prints a warning
         for name in ("memory_bank_size", "query_memory_bank_size", "passage_memory_bank_size"):
             value = getattr(self, name)
             if value is not None and value < 0:

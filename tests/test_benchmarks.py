@@ -94,9 +94,10 @@ def test_gpu_paper_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
 
     out = tmp_path / "gpu_paper.json"
     gpu_paper.main(["--tiny", "--n_total", "16", "--steps", "1", "--warmup", "1", "--out", str(out),
-                    "--methods", "gradaccum,contaccum-1024,hybrid,st-cmnrl"])
+                    "--methods", "gradaccum,contaccum-1024,hybrid,st-cmnrl", "--attention", "no-cudnn"])
     results = json.loads(out.read_text())["results"]
     assert [r["method"] for r in results] == ["gradaccum", "contaccum-1024", "hybrid", "st-cmnrl"]
+    assert all(r["attention"] == "no-cudnn" for r in results)  # the kernel choice reached each method's process
     assert all(r.get("seconds_per_step", 0) > 0 and len(r["step_times"]) == 1 for r in results), results
     assert gpu_paper.layout("hybrid", 512) == (512, 1, 8192, 8) and gpu_paper.layout("contaccum-1024", 512)[1] == 64
 

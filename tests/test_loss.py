@@ -1,4 +1,6 @@
 """The loss against a literal implementation of the paper's equations (5-9)."""
+import copy
+import os
 import warnings
 from functools import partial
 
@@ -234,6 +236,11 @@ SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "unique", "_uniqu
                "unique_consecutive", "masked_select", "equal"}
 
 
+# torch's own package folder, not any path with a "torch" folder in it: on the GPU image every package lives
+# under /opt/torch/.venv, and transformers' frames were skipped as torch's, blaming their reads on our caller
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
 class _RecordSyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Records "<op> in <file>:<line>" for every syncing op, at the innermost frame outside torch that ran it."""
 
@@ -243,11 +250,10 @@ class _RecordSyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ in SYNCING_OPS:
-            import os
             import traceback
 
             caller = next(f for f in reversed(traceback.extract_stack()[:-1])  # [:-1]: not this method
-                          if f"{os.sep}torch{os.sep}" not in f.filename)
+                          if not f.filename.startswith(TORCH_DIR))
             self.seen.append(f"{func.overloadpacket.__name__} in {caller.filename}:{caller.lineno}")
         return func(*args, **(kwargs or {}))
 
@@ -287,6 +293,36 @@ def test_a_training_micro_step_makes_no_host_sync(similarity, bank_hn, query_ban
     assert recorder.seen == [], sorted(set(recorder.seen))
     loss_fn.check_finite()  # the one read per optimizer step
     assert loss_fn.bank.num_enqueued == 80
+
+
+def test_the_loss_is_fp32_under_bf16_autocast_and_keeps_no_copy_of_the_bank():
+    """Under the Trainer's bf16 autocast the logits are still fp32 (loss and gradients equal the fp32 loss's), and
+    nothing the backward keeps is a copy of the bank: autocast had cast the N_mem x d bank to bf16 for each product
+    and kept those copies for the backward (at N_mem 65,536 x 768 the excess over vectors and cache on an H200)."""
+    torch.manual_seed(0)
+    n, d, h, capacity = 4, 16, 1, 64
+    loss_fn = ContAccumLoss(capacity, 0.05, "cos", bank_hard_negatives=True)
+    for i in range(capacity // n):
+        loss_fn.enqueue(torch.randn(n, d), torch.randn(n, d), torch.arange(n) + n * i, torch.randn(n, h, d),
+                        torch.arange(n * h).view(n, h) + 10**6 + n * h * i)
+    inputs = [torch.randn(*shape) for shape in ((n, d), (n, d), (n, h, d))]
+    keys, negative_keys = torch.arange(n) - 100, torch.arange(n * h).view(n, h) - 10**5
+
+    def loss_and_grads(autocast):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = copy.deepcopy(loss_fn)(leaves[0], leaves[1], keys, leaves[2], negative_keys)  # reads the bank
+        loss.backward()
+        return loss, [x.grad for x in leaves], saved
+
+    fp32, fp32_grads, _ = loss_and_grads(False)
+    bf16, bf16_grads, saved = loss_and_grads(True)
+    assert bf16.dtype == torch.float32 and torch.allclose(bf16, fp32, rtol=1e-6, atol=1e-7)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(bf16_grads, fp32_grads))
+    bank_rows = [t for t in saved if t.dim() == 2 and max(t.shape) >= capacity]  # (the banked side, or its transpose)
+    assert bank_rows and not [t for t in bank_rows if t.is_floating_point() and t.dtype != torch.float32]
 
 
 def _collapse_step(loss_fn, queries, positives, patience, keys=None):
