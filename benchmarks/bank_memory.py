@@ -7,6 +7,7 @@ with one hard negative, a pre-filled bank. Writes JSON.
 
     python benchmarks/bank_memory.py --sizes 8192 65536
     python benchmarks/bank_memory.py --sizes 8192 65536 --steps 5 --output previous.json   # fixed count
+    python benchmarks/bank_memory.py --sizes 8192 65536 --steps 3 --bf16 --output bf16.json  # under bf16 autocast
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class PeakHeap(TorchDispatchMode):
         return out
 
 
-def measure(size: int, d: int = 768, n: int = 8, steps: int | None = None) -> dict:
+def measure(size: int, d: int = 768, n: int = 8, steps: int | None = None, bf16: bool = False) -> dict:
     from hf_contaccum import ContAccumLoss
 
     torch.manual_seed(0)
@@ -65,7 +66,7 @@ def measure(size: int, d: int = 768, n: int = 8, steps: int | None = None) -> di
     seconds, forward_peak, backward_peak = [], 0, 0
     for step in range(1, steps + 1):
         x = inputs(step)
-        with PeakHeap() as forward:
+        with PeakHeap() as forward, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as the Trainer's bf16
             loss = loss_fn(*x)
         with PeakHeap() as backward:
             start = time.perf_counter()
@@ -75,7 +76,7 @@ def measure(size: int, d: int = 768, n: int = 8, steps: int | None = None) -> di
         backward_peak = max(backward_peak, backward.peak - backward.start)
         del loss, x
     mib = 2**20
-    return {"memory_bank_size": size, "d": d, "vectors_mib": 2 * size * d * 4 / mib,
+    return {"memory_bank_size": size, "d": d, "bf16_autocast": bf16, "vectors_mib": 2 * size * d * 4 / mib,
             "cache_mib": loss_fn.bank_lse.nbytes() / mib, "chunk_size": chunk,
             "granule": getattr(loss_fn.bank_lse, "granule", None), "micro_steps": steps,
             "forward_temporaries_mib": forward_peak / mib, "backward_and_enqueue_temporaries_mib": backward_peak / mib,
@@ -87,10 +88,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 65536])
     parser.add_argument("--steps", type=int, default=None, help="micro-steps per size (default: one chunk's sweep)")
+    parser.add_argument("--bf16", action="store_true", help="the loss's forward under bf16 autocast")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                          "bank_memory.json"))
     args = parser.parse_args()
-    results = [measure(size, steps=args.steps) for size in args.sizes]
+    results = [measure(size, steps=args.steps, bf16=args.bf16) for size in args.sizes]
     for r in results:
         print(json.dumps(r))
     with open(args.output, "w") as f:

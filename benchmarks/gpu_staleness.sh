@@ -6,18 +6,22 @@
 # Here, first: python benchmarks/gpu_carry.py (builds .gpu_carry/: wheels, MiniLM in fp16, the two built tasks);
 # then run(command="bash benchmarks/gpu_staleness.sh", carry=[".gpu_carry/wheels", ".gpu_carry/minilm",
 # ".gpu_carry/tasks"], timeout_s=...) (49 MiB: the test wheels would take the call over its 64 MiB).
-# JOBS is a list of task:method (each run for seeds 0 .. SEEDS-1); for a CPU smoke run:
+# JOBS is a list of task:method (each run for seeds 0 .. SEEDS-1) or task:method:seed. Sizing, from the H200 run of
+# 2026-11-27 (14 at a time, one CPU core each; the micro-steps are host-bound, so more at once is not faster): a run
+# with 8 micro-steps per optimizer step reached 110-125 of its 150 steps in 7 minutes, the full batch finished in
+# 3.5-7: one 10-minute call finishes about one wave of 14 such runs; the refresh (2.7x the compute) does not fit one.
+# For a CPU smoke run:
 #   N_TOTAL=16 STEPS=2 SEEDS=1 JOBS="code:gradaccum debian:contaccum-16" OUT=/tmp/s bash benchmarks/gpu_staleness.sh
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; RUNS=${RUNS:-/tmp/staleness_runs}; mkdir -p "$OUT" "$RUNS"  # (a call returns 8 files: runs go in one archive)
 N_TOTAL=${N_TOTAL:-128}; STEPS=${STEPS:-150}; SEEDS=${SEEDS:-3}; LIMIT=${LIMIT:-540}; LR=${LR:-5e-5}
 PARALLEL=${PARALLEL:-14}
 BIG=$((4 * N_TOTAL))
-# Default: what decides #14 at N_total 128 and the CPU could not finish: code search's baselines on 3 seeds, then the
-# two staleness mechanisms of the 4x bank on code search and Debian package search (Debian's baselines have 3 CPU seeds).
-JOBS=${JOBS:-"code:contaccum-$N_TOTAL code:contaccum-$BIG code:gradcache code:gradaccum code:full
-code:contaccum-$BIG-fresh debian:contaccum-$BIG-fresh code:contaccum-$BIG-drift debian:contaccum-$BIG-drift
-debian:contaccum-$N_TOTAL debian:gradcache"}
+# Default: what #14 still lacks at N_total 128 (one wave): code search's baselines to 3 seeds (seed 0 of each, seed 1
+# of the banks on the CPU, the full batch and GradCache seed 1 on this GPU), then the 4x bank moved by the drift probe
+# on code search and Debian (whose baselines have 3 CPU seeds). The refresh needs a call of its own.
+JOBS=${JOBS:-"code:gradaccum:1 code:gradaccum:2 code:contaccum-$N_TOTAL:2 code:contaccum-$BIG:2 code:gradcache:2
+code:contaccum-$BIG-drift debian:contaccum-$BIG-drift"}
 export OMP_NUM_THREADS=1
 . benchmarks/gpu_env.sh
 if [ -d "$CARRY/minilm" ]; then  # fp16 on the way: widen to fp32 (transformers would keep fp16)
@@ -45,7 +49,9 @@ job() {  # task:method:seed, given the seconds left before the deadline
     rc=$?; echo "$(date +%T) rc $rc $1"
 }
 export -f job
-for entry in $JOBS; do for seed in $(seq 0 $((SEEDS - 1))); do echo "$entry:$seed"; done; done |
+for entry in $JOBS; do
+    if [[ $entry == *:*:* ]]; then echo "$entry"; else for seed in $(seq 0 $((SEEDS - 1))); do echo "$entry:$seed"; done; fi
+done |
     xargs -P "$PARALLEL" -I{} bash -c 'job {}'
 date
 for task in $(for entry in $JOBS; do echo "${entry%%:*}"; done | sort -u); do
