@@ -16,6 +16,7 @@ backward (no grad, or eval mode) nothing is enqueued and the bank is not read.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -47,6 +48,12 @@ class LossStats:
     num_columns: int  # candidate passages per row (negatives per query = this - 1)
     uniform_loss: float  # the loss if every candidate scored the same: log of the candidates (banked ones count w)
     banked_columns: int = 0  # candidates read from the memory bank
+
+
+def _autocast_off(device_type: str):
+    """autocast switched off on this device, where autocast exists for it (not on meta tensors, say)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda device: device in ("cuda", "cpu"))  # torch < 2.4
+    return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
 
 
 def _nonfinite_loss_error(value: float | None = None) -> FloatingPointError:
@@ -176,7 +183,7 @@ class ContAccumLoss(nn.Module):
         # autocast off: the logits are fp32 (as _prepare means them to be), and the products read the bank in place.
         # Under bf16 autocast each product cast the N_mem x d bank to bf16 and kept that copy for its backward:
         # 2 x 96 MiB at N_mem 65,536 x 768, the size of the excess over vectors and cache measured on an H200.
-        with torch.autocast(queries.device.type, enabled=False):
+        with _autocast_off(queries.device.type):
             loss, stats, bank_readers = self._infonce(queries, p_all, pk_all, hn_all, hk_all, training, rank, size)
         if training and self.defer_finite_check:  # on the device; check_finite() reads it once per step
             bad = ~torch.isfinite(loss.detach())
