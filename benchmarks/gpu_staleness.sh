@@ -18,9 +18,9 @@ N_TOTAL=${N_TOTAL:-128}; STEPS=${STEPS:-150}; SEEDS=${SEEDS:-3}; LIMIT=${LIMIT:-
 PARALLEL=${PARALLEL:-14}
 BIG=$((4 * N_TOTAL))
 # Default: what #14 still lacks at N_total 128 (one wave): code search's baselines to 3 seeds (seed 0 of each, seed 1
-# of the banks on the CPU, the full batch and GradCache seed 1 on this GPU), then the 4x bank moved by the drift probe
+# of the banks and GradAccum on the CPU, the full batch and GradCache seed 1 on this GPU), then the 4x bank moved by the drift probe
 # on code search and Debian (whose baselines have 3 CPU seeds). The refresh needs a call of its own.
-JOBS=${JOBS:-"code:gradaccum:1 code:gradaccum:2 code:contaccum-$N_TOTAL:2 code:contaccum-$BIG:2 code:gradcache:2
+JOBS=${JOBS:-"code:gradaccum:2 code:contaccum-$N_TOTAL:2 code:contaccum-$BIG:2 code:gradcache:2
 code:contaccum-$BIG-drift debian:contaccum-$BIG-drift"}
 export OMP_NUM_THREADS=1
 . benchmarks/gpu_env.sh
