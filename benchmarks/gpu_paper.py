@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 
+from _harness import device_name
 from transformers import TrainerCallback
 
 METHODS = ["gradaccum", "contaccum-1024", "contaccum-8192", "contaccum-65536", "gradcache", "hybrid", "full",
@@ -256,7 +257,7 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, p
             "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "max_memory_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if cuda else None,
             "bank_mib": bank_size,
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": tiny, "trainer_args": extra_args or {},
+            "device": device_name(), "tiny": tiny, "trainer_args": extra_args or {},
             "attention": attention}
 
 
