@@ -194,7 +194,8 @@ ATTENTION = {"default": None, "no-cudnn": ("flash", "mem_efficient", "math"), "e
 
 
 def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, path: str,
-               profile_dir: str | None = None, extra_args: dict | None = None, attention: str = "default") -> dict:
+               profile_dir: str | None = None, extra_args: dict | None = None, attention: str = "default",
+               callbacks: list | None = None) -> dict:
     import torch
     from datasets import Dataset
 
@@ -226,7 +227,7 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, p
             loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=N_LOCAL)
             args = SentenceTransformerTrainingArguments(per_device_train_batch_size=n_total, **common)
             trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                                 loss=loss, callbacks=[timer])
+                                                 loss=loss, callbacks=[timer, *(callbacks or [])])
         else:
             from hf_contaccum import (
                 BiEncoder,
@@ -241,7 +242,7 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, p
                 gradcache_chunk_size=chunk, similarity="dot", temperature=0.05, query_max_length=QUERY_TOKENS,
                 passage_max_length=passage_tokens, pad_to_multiple_of=32 if compiled else None, **common)
             trainer = ContAccumTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                       processing_class=model.tokenizer, callbacks=[timer])
+                                       processing_class=model.tokenizer, callbacks=[timer, *(callbacks or [])])
             if bank:  # a full bank from the first step: every timed step pays for all of it
                 device = trainer.args.device
                 d = model.config.encoder_config["hidden_size"]

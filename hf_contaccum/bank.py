@@ -80,14 +80,15 @@ class MemoryBank:
             self.num_enqueued += n - self.capacity
             n = self.capacity
         first = self.ptr
-        dev_slots = self.slots(first, n, self.queries.device)
-        self.queries.index_copy_(0, dev_slots, queries.detach().to(self.queries.dtype))
-        self.passages.index_copy_(0, dev_slots, passages.detach().to(self.passages.dtype))
-        self.passage_keys.index_copy_(0, dev_slots, passage_keys.to(self.passage_keys.device))
+        # slots as a slice where the write does not wrap around (a copy, no index to make on the device)
+        slots = slice(first, first + n) if first + n <= self.capacity else self.slots(first, n, self.queries.device)
+        self.queries[slots] = queries.detach().to(self.queries.dtype)
+        self.passages[slots] = passages.detach().to(self.passages.dtype)
+        self.passage_keys[slots] = passage_keys.to(self.passage_keys.device)
         if self.num_hard_negatives:
             h = self.num_hard_negatives
-            self.hard_negatives.index_copy_(0, dev_slots, hard_negatives[:, :h].detach().to(self.hard_negatives.dtype))
-            self.hard_negative_keys.index_copy_(0, dev_slots, hard_negative_keys[:, :h].to(self.passage_keys.device))
+            self.hard_negatives[slots] = hard_negatives[:, :h].detach().to(self.hard_negatives.dtype)
+            self.hard_negative_keys[slots] = hard_negative_keys[:, :h].to(self.passage_keys.device)
         self.ptr = (self.ptr + n) % self.capacity
         self.fill = min(self.fill + n, self.capacity)
         self.num_enqueued += n
@@ -221,13 +222,25 @@ class BankLogsumexp:
         num_slots, width = keys.shape
         queries = bank.queries[rows]
         logits = (queries @ vecs.flatten(0, 1).T).view(-1, num_slots, width) / temperature
-        slots = torch.arange(first, last, device=keys.device)
-        drop = (slots >= bank.fill)[None, :, None]
+        # The masks are built from what the host knows (the slot range, the fill, a slice of rows), so that a
+        # micro-step launches few ops: it is launch-bound on a GPU (benchmarks/launch_count.py)
+        drop = None
+        if last > bank.fill:  # slots not written yet (only while the bank fills)
+            drop = (torch.arange(first, last, device=keys.device) >= bank.fill)[None, :, None]
         if mask_false_negatives:  # a column with the row's positive key, other than that positive itself
-            row_slots = torch.arange(rows.start, rows.stop, device=keys.device) if isinstance(rows, slice) else rows
-            own = (row_slots[:, None] == slots[None])[..., None] & (torch.arange(width, device=keys.device) == 0)
-            drop = drop | ((keys[None] == bank.passage_keys[rows][:, None, None]) & ~own)
-        logits = logits.masked_fill(drop, NEG_INF)
+            same = keys[None] == bank.passage_keys[rows][:, None, None]
+            if isinstance(rows, slice) and rows.step in (None, 1):  # rows that are slots of [first, last): a diagonal
+                start, stop, _ = rows.indices(bank.capacity)
+                lo, hi = max(start, first), min(stop, last)
+                if lo < hi:
+                    same[lo - start:hi - start, lo - first:hi - first, 0].diagonal().fill_(False)
+            else:
+                row_slots = rows if torch.is_tensor(rows) else torch.arange(*rows.indices(bank.capacity),
+                                                                            device=keys.device)
+                same[..., 0] &= row_slots[:, None] != torch.arange(first, last, device=keys.device)[None]
+            drop = same if drop is None else drop | same
+        if drop is not None:
+            logits = logits.masked_fill(drop, NEG_INF)
         return logits[..., 0] if width == 1 else logits.logsumexp(-1)
 
     def _span_lse(self, bank, rows, first, last, temperature, mask):
@@ -347,15 +360,17 @@ class BankLogsumexp:
             # the sweep grows only by one range that ends at the pointer; anything else (a chunk written to its
             # end and left, or a write that wrapped around into it) is recomputed whole, which is always exact
             if chunk == self.sweep_chunk and contiguous and hi % bank.capacity == bank.ptr:
+                # out= writes into the cache in place, with no copy after: `valid` is a slice, so its blocks are
+                # slices and these indexed tensors are views
                 for block in self._blocks(valid, max(hi - lo, self.granule) * width):
-                    self.new_lse[block] = torch.logaddexp(self.new_lse[block],
-                                                          self._span_lse(bank, block, lo, hi, temperature, mask))
+                    torch.logaddexp(self.new_lse[block], self._span_lse(bank, block, lo, hi, temperature, mask),
+                                    out=self.new_lse[block])
                     old = self._old_part(bank, block, hi, temperature, mask)
-                    self.chunk_lse[block, chunk] = torch.logaddexp(self.new_lse[block], old)
+                    torch.logaddexp(self.new_lse[block], old, out=self.chunk_lse[block, chunk])
             elif chunk == completing[0] and contiguous and hi == last:  # written to its end
                 for block in self._blocks(valid, (hi - lo) * width):
-                    self.chunk_lse[block, chunk] = torch.logaddexp(
-                        completing[1][block], self._span_lse(bank, block, lo, hi, temperature, mask))
+                    torch.logaddexp(completing[1][block], self._span_lse(bank, block, lo, hi, temperature, mask),
+                                    out=self.chunk_lse[block, chunk])
             else:
                 if chunk == self.sweep_chunk:
                     self.sweep_chunk = None

@@ -29,8 +29,13 @@ class EmbeddingCollapseError(RuntimeError):
 
 
 class TrainingDiagnostics:
+    # GradNormRatios wait as (query norm, passage norm) pairs on the device and are reduced every this many: one op
+    # per micro-batch instead of the eight of a guarded division and its sums (a GPU micro-step is launch-bound)
+    PENDING_PAIRS = 64
+
     def __init__(self):
         self._sums: dict = {}  # logging statistics, since the last log line
+        self._pending: dict = {}  # GradNormRatio name -> stacked (query norm, passage norm) pairs not yet summed
         self._window: dict = {}  # collapse statistics, since the last optimizer step
         self._collapsed_steps = 0
         self._stuck_steps = 0  # steps in a row at the uniform loss while reading the bank
@@ -46,38 +51,49 @@ class TrainingDiagnostics:
         self._add(self._sums, "negatives", stats.num_columns - 1)
         if queries.shape[0] < 2 or stats.uniform_loss <= 0:
             return
-        with torch.no_grad():  # total variance of the unit vectors: 0 when every vector is the same
-            spread = torch.minimum(*(F.normalize(t.detach().float(), dim=-1).var(0, unbiased=False).sum()
-                                     for t in (queries, positives)))
+        with torch.no_grad():  # total variance of the unit vectors, the smaller side's: 0 when every vector is the same
+            sides = torch.stack((queries.detach(), positives.detach())).float()  # one op per step for both sides
+            spread = F.normalize(sides, dim=-1).var(1, unbiased=False).sum(-1).amin()
         self._add(self._window, "spread", spread)
         self._add(self._window, "loss_ratio", loss.detach().float() / stats.uniform_loss)
         self._add(self._window, "micro_batches", 1)
         self._add(self._window, "bank_read", int(stats.banked_columns > 0))
 
     def _add_ratio(self, key: str, query_norm, passage_norm) -> None:
+        pending = self._pending.setdefault(key, [])
+        pending.append(torch.stack((query_norm, passage_norm)))
+        if len(pending) >= self.PENDING_PAIRS:
+            self._sum_pending(key)
+
+    def _sum_pending(self, key: str) -> None:
+        """Add the pending pairs' ratios to the sums (a pair with a zero query norm has no ratio and is skipped)."""
+        pairs = torch.stack(self._pending.pop(key))
+        query_norm, passage_norm = pairs.unbind(1)
         ok = query_norm > 0
-        self._add(self._sums, key, torch.where(ok, passage_norm / query_norm, 0.0))
-        self._add(self._sums, key + "_count", ok.float())
+        self._add(self._sums, key, torch.where(ok, passage_norm / query_norm, 0.0).sum())
+        self._add(self._sums, key + "_count", ok.sum())
 
     def record_grad_norm_ratio(self, query, passage) -> None:
         """GradNormRatio (paper §5.5) at the vectors the similarity compares (unit vectors with cosine, raw with
         dot product): norm of the gradient on the current passages (positives and hard negatives, every loss
         row counted, banked rows included) over that on the current queries. On unit vectors it does not
         depend on how long the encoder's raw query and passage vectors are."""
-        self._add_ratio("ratio", query.float().norm(), passage.float().norm())
+        self._add_ratio("ratio", *(torch.linalg.vector_norm(t, dtype=torch.float32) for t in (query, passage)))
 
     def track_raw_grad_norm_ratio(self, queries, positives, hard_negatives) -> None:
         """The same ratio at the encoder's raw output vectors, from hooks on them."""
         sides = [t for t in (queries, positives, hard_negatives) if t is not None]
         if not all(t.requires_grad for t in sides):
             return
-        squares, num_sides = {}, len(sides)  # the hooks must not hold the tensors: a cycle through C++ leaks
+        norms, num_sides = {}, len(sides)  # the hooks must not hold the tensors: a cycle through C++ leaks
 
         def hook(index):
             def record(grad):
-                squares[index] = grad.float().pow(2).sum()
-                if len(squares) == num_sides:  # the query's and every passage-side gradient have arrived
-                    self._add_ratio("raw_ratio", squares[0].sqrt(), sum(squares[i] for i in range(1, num_sides)).sqrt())
+                norms[index] = torch.linalg.vector_norm(grad, dtype=torch.float32)
+                if len(norms) == num_sides:  # the query's and every passage-side gradient have arrived
+                    passage = norms[1] if num_sides == 2 else torch.linalg.vector_norm(
+                        torch.stack([norms[i] for i in range(1, num_sides)]))
+                    self._add_ratio("raw_ratio", norms[0], passage)
             return record
 
         for index, t in enumerate(sides):
@@ -126,6 +142,8 @@ class TrainingDiagnostics:
 
     def pop(self, bank_fill: int) -> dict:
         """Means since the last call, for a log line: negatives per query, the GradNormRatios; the bank fill."""
+        for key in list(self._pending):
+            self._sum_pending(key)
         sums, self._sums = self._sums, {}
         if not sums.get("micro_batches"):
             return {}

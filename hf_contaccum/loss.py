@@ -140,7 +140,7 @@ class ContAccumLoss(nn.Module):
         self.diagnostics = TrainingDiagnostics()
         # False: a non-finite loss raises at once (a host sync per micro-batch); see defer_finite_check_to_step
         self.defer_finite_check = False
-        self._nonfinite = None
+        self._loss_sum = None  # with defer_finite_check: this step's micro-batch losses, summed on the device
         self.drift_probe = None  # bank_drift_probe: {side: token features} re-encoded at every step's start
         self.drift_means = None  # the probe's mean (query, passage) vectors at the last correction
 
@@ -186,8 +186,9 @@ class ContAccumLoss(nn.Module):
         with _autocast_off(queries.device.type):
             loss, stats, bank_readers = self._infonce(queries, p_all, pk_all, hn_all, hk_all, training, rank, size)
         if training and self.defer_finite_check:  # on the device; check_finite() reads it once per step
-            bad = ~torch.isfinite(loss.detach())
-            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            # a sum is non-finite iff a term is (finite losses overflow a sum only near float32's 3e38),
+            # and it costs one op per micro-batch where isfinite costs four
+            self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         elif not torch.isfinite(loss):
             raise _nonfinite_loss_error(loss.item())
         self.last_stats = stats
@@ -217,7 +218,8 @@ class ContAccumLoss(nn.Module):
         bank = self.bank
         banked = use_bank and bank.fill > 0 and self.read_bank
         log_w = math.log(self.bank_weight)  # 0 unless staleness is down-weighted
-        targets = torch.arange(n, device=q.device) + rank * n
+        own = slice(rank * n, rank * n + n)  # this rank's positives among the current columns
+        targets = torch.arange(own.start, own.stop, device=q.device)
         logits, all_keys = q @ cur_cols.T / self.temperature, cur_keys
         if banked:  # banked columns: separate matmul, so the bank is read in place, never copied
             bvecs, bkeys = bank_columns(bank)
@@ -225,8 +227,8 @@ class ContAccumLoss(nn.Module):
             logits = torch.cat([logits, bank_logits + log_w if log_w else bank_logits], 1)
             all_keys = torch.cat([cur_keys, bkeys.flatten()])
         if self.mask_false_negatives:
-            same = all_keys[None] == passage_keys[targets][:, None]
-            same[torch.arange(n, device=q.device), targets] = False
+            same = all_keys[None] == passage_keys[own][:, None]
+            same[:, own].diagonal().fill_(False)  # each row keeps its own positive
             logits = logits.masked_fill(same, NEG_INF)
         total = F.cross_entropy(logits, targets, reduction="sum")
         num_rows = counted = n * world_size  # every rank's current rows count in the global mean
@@ -250,9 +252,12 @@ class ContAccumLoss(nn.Module):
                 if self.mask_false_negatives:
                     cur_logits.masked_fill_(cur_keys[None] == bank.passage_keys[rows][:, None], NEG_INF)
                 # the row's banked columns, its own positive included, count w each
-                lse = torch.logaddexp(cur_logits.logsumexp(-1), self.bank_lse.row_lse(rows) + log_w)
-                target = self.bank_lse.row_positive_logit(rows) + log_w  # cached: no N_mem x d temporary
-                total = total + weight * (lse - target).sum()
+                # (no "+ 0" or "* 1" when bank_weight is 1: each would be one more op on a launch-bound GPU)
+                banked_lse, target = self.bank_lse.row_lse(rows), self.bank_lse.row_positive_logit(rows)  # cached
+                if log_w:
+                    banked_lse, target = banked_lse + log_w, target + log_w
+                bank_total = (torch.logaddexp(cur_logits.logsumexp(-1), banked_lse) - target).sum()
+                total = total + (weight * bank_total if weight != 1 else bank_total)
                 num_rows += weight * num_bank_rows
             counted += total_bank_rows
         num_banked = logits.shape[1] - cur_cols.shape[0]
@@ -260,7 +265,7 @@ class ContAccumLoss(nn.Module):
         # num_rows is the weighted count the mean divides by (= counted with bank_weight 1)
         # q @ banked columns saved the banked passages (for q's gradient); banked rows @ current columns
         # saved the banked queries (for the columns' gradient): once both gradients exist, the bank is free.
-        return total * world_size / num_rows, stats, (q, cur_cols)
+        return (total * world_size if world_size > 1 else total) / num_rows, stats, (q, cur_cols)
 
     def _prepare(self, x):
         x = x.float()  # logits and log-sum-exp in fp32, whatever the encoder's autocast dtype
@@ -427,8 +432,8 @@ class ContAccumLoss(nn.Module):
     def check_finite(self) -> None:
         """With defer_finite_check: call before each optimizer step; raises FloatingPointError if a training
         micro-batch since the last call had a non-finite loss, so that step is never applied."""
-        bad, self._nonfinite = self._nonfinite, None
-        if bad is not None and bool(bad):
+        total, self._loss_sum = self._loss_sum, None
+        if total is not None and not bool(torch.isfinite(total)):
             raise _nonfinite_loss_error()
 
     # -- diagnostics (kept on the device; read at logging steps and once per optimizer step) ----
