@@ -1,15 +1,17 @@
 """Ops dispatched per micro-step, by who dispatched them: how much of a launch-bound GPU micro-step is ours.
 
 On a GPU the paper setting's micro-step is launch-bound (an H200 profile: the GPU busy 10 %, ~2,500 kernel
-launches per micro-step), so every op the library adds costs about as much host time as one of the encoder's.
-This counts, on any device, the aten ops one optimizer step dispatches (a TorchDispatchMode, below autograd:
-what would run as kernels) through the Trainer's own loop (gpu_paper.run_method), per micro-step, split by the
-innermost Python frame outside torch (GradCache: per chunk of 8 pairs): the encoder (transformers' model code), each module of this library, and
-the rest (backward, optimizer and Trainer, whose ops have no frame of ours). Views and allocations, which launch
-nothing, are counted apart. A count, not a time: it does not depend on the machine, only on torch's op set.
+launches per micro-step), so the ops the library adds cost host time as the encoder's do.
+This counts, on any device, the aten ops one optimizer step dispatches (a TorchDispatchMode, below autograd: what
+would run as kernels) through the Trainer's own loop (gpu_paper.run_method), per micro-step (GradCache: per chunk
+of 8 pairs), split by the innermost Python frame outside torch: the encoder's forward (transformers' code other
+than its Trainer: the model, its attention and masks), each module of this library (its backward hooks and the
+enqueue at the end of the backward included), the autograd engine's backward kernels (everyone's), and the rest
+(the optimizer, the Trainer). Views and allocations, which launch nothing, are counted apart. A count, not a time:
+the same on every machine for one torch version.
 
     python benchmarks/launch_count.py                          # tiny BERT, N_total 64
-    python benchmarks/launch_count.py --bert_base --n_total 16 --out benchmarks/results/launch_count_bert_base.json
+    python benchmarks/launch_count.py --bert_base --n_total 64 --out benchmarks/results/launch_count_bert_base.json
 """
 from __future__ import annotations
 
@@ -31,15 +33,21 @@ LIBRARY = f"{os.sep}hf_contaccum{os.sep}"
 
 
 def dispatcher(frame) -> str:
-    """Who dispatched an op: the innermost frame outside torch, as a library module, "encoder" or "other"."""
+    """Who dispatched an op: the innermost frame outside torch, as a library module or "encoder"; the autograd
+    engine's own backward kernels (reached before any frame outside torch: hooks of ours count as ours); or the
+    rest (the optimizer, the Trainer)."""
     while frame is not None:
         path = frame.f_code.co_filename
+        if frame.f_code.co_name == "_engine_run_backward":
+            return "backward"
         if f"{os.sep}torch{os.sep}" not in path and not path.endswith("launch_count.py"):
             if LIBRARY in path:
                 return "hf_contaccum/" + os.path.basename(path)
-            return "encoder" if f"transformers{os.sep}models" in path else "backward, optimizer, Trainer"
+            in_transformers = f"{os.sep}transformers{os.sep}" in path
+            return "encoder" if in_transformers and not os.path.basename(path).startswith("trainer") else \
+                "optimizer, Trainer"
         frame = frame.f_back
-    return "backward, optimizer, Trainer"
+    return "optimizer, Trainer"
 
 
 class OpCounter(TorchDispatchMode):
