@@ -11,6 +11,8 @@
 #      ~28 % of the micro-step's host time), with and without one_tower_call (0.71x the step in that run)
 #   3. sentence-transformers' CachedMNRL in the same run (the 2.5x target), and a profile without cuDNN attention
 #   4. the trainer tests on CUDA after the four fixes (sync recorder's path filter, pinning, deterministic attention)
+#   5. (since 2026-11-27, afternoon) the first GPU timing of the code with ~40 % fewer ops of ours per micro-step
+#      (benchmarks/launch_count.py: bert-base, ContAccum - GradAccum 112 -> 70 of ~2,500 ops): item 1's ratios
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 . benchmarks/gpu_env.sh  # the device image has no datasets, evaluate or faiss: carry .gpu_carry/wheels, test_wheels
