@@ -38,9 +38,11 @@ _PRIMES = (2_147_483_647, 2_147_483_629)  # two 31-bit moduli: a text's key is 6
 
 
 @functools.lru_cache(maxsize=64)
-def _hash_weights(prime: int, seed: int, width: int) -> torch.Tensor:
-    """Fixed random weights per token position (the same in every process), drawn once per batch width."""
-    return torch.randint(1, prime, (width,), generator=torch.Generator().manual_seed(seed))
+def _hash_weights(prime: int, seed: int, width: int, device: torch.device) -> torch.Tensor:
+    """Fixed random weights per token position (the same in every process and on every device: drawn on the CPU),
+    made once per batch width and device. Kept on the device: a copy from the host per batch would be a blocking
+    transfer, i.e. a host sync, on a GPU (two per column per micro-batch)."""
+    return torch.randint(1, prime, (width,), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def token_keys(features: dict) -> torch.Tensor | None:
@@ -54,10 +56,12 @@ def token_keys(features: dict) -> torch.Tensor | None:
         return None  # not token ids (e.g. images): no keys, no masking
     mask = torch.ones_like(ids) if mask is None else mask.long()
     position = (mask.cumsum(1) - 1).clamp(min=0)
-    key = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+    tokens, length = ids.long() + 1, mask.sum(1)  # (once for both moduli: a GPU micro-step is launch-bound)
+    key = None
     for prime, seed in zip(_PRIMES, (1, 2)):
-        term = (ids.long() + 1) % prime * _hash_weights(prime, seed, ids.shape[1]).to(ids.device)[position] % prime * mask
-        key = key * prime + (term.sum(1) + mask.sum(1)) % prime
+        term = tokens % prime * _hash_weights(prime, seed, ids.shape[1], ids.device)[position] % prime * mask
+        part = (term.sum(1) + length) % prime
+        key = part if key is None else key * prime + part
     return key
 
 

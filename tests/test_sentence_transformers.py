@@ -273,6 +273,25 @@ def test_token_keys_identify_texts_whatever_the_padding(encoder_dir):
     assert torch.equal(token_keys(left), a[:2])
 
 
+def test_token_keys_are_the_keys_saved_banks_hold_and_make_no_copy_per_batch():
+    """The keys of a fixed batch are pinned (a bank checkpointed by an earlier version holds keys made this way: other
+    values would unmask duplicates after a resume), and the hash weights are made once per width and device, not
+    copied from the host at every batch (on a GPU each such copy is a blocking transfer: a host sync)."""
+    from hf_contaccum.sentence_transformers import _hash_weights
+
+    ids = torch.randint(0, 30522, (4, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [0] * 3 + [1] * 4, [1] + [0] * 6])
+    assert token_keys({"input_ids": ids, "attention_mask": mask}).tolist() == [
+        379284109595584993, 344638551425703622, 2502073164892734957, 3190199654010057021]
+    assert token_keys({"input_ids": ids}).tolist() == [
+        379284109595584993, 2477875426549377030, 3736775171876198385, 1063484502452631482]
+    misses = _hash_weights.cache_info().misses
+    for _ in range(3):
+        token_keys({"input_ids": ids, "attention_mask": mask})
+    assert _hash_weights.cache_info().misses == misses  # the same two tensors, already on the ids' device
+    assert _hash_weights(2_147_483_647, 1, 7, ids.device).device == ids.device
+
+
 def test_duplicate_positive_in_batch_is_masked(encoder_dir):
     model = st_model(encoder_dir())
     rows = toy_rows(4)
