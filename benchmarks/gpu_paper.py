@@ -207,6 +207,7 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, p
     passage_tokens = 32 if tiny else PASSAGE_TOKENS
     rows = make_rows(n_total * (steps + warmup), passage_tokens)
     timer = StepTimer(warmup, os.path.join(profile_dir, f"profile_{method}.txt") if profile_dir else None)
+    callbacks = [timer, *(callbacks or [])]
     compiled = method.endswith("+compile")
     common = {"output_dir": tempfile.mkdtemp(), "max_steps": steps + warmup, "learning_rate": 1e-5,
               "report_to": "none", "save_strategy": "no", "logging_steps": 10**6, "disable_tqdm": True,
@@ -227,7 +228,7 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, p
             loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=N_LOCAL)
             args = SentenceTransformerTrainingArguments(per_device_train_batch_size=n_total, **common)
             trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                                 loss=loss, callbacks=[timer, *(callbacks or [])])
+                                                 loss=loss, callbacks=callbacks)
         else:
             from hf_contaccum import (
                 BiEncoder,
@@ -242,7 +243,7 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, p
                 gradcache_chunk_size=chunk, similarity="dot", temperature=0.05, query_max_length=QUERY_TOKENS,
                 passage_max_length=passage_tokens, pad_to_multiple_of=32 if compiled else None, **common)
             trainer = ContAccumTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                       processing_class=model.tokenizer, callbacks=[timer, *(callbacks or [])])
+                                       processing_class=model.tokenizer, callbacks=callbacks)
             if bank:  # a full bank from the first step: every timed step pays for all of it
                 device = trainer.args.device
                 d = model.config.encoder_config["hidden_size"]

@@ -99,7 +99,7 @@ def main(argv=None):
     parser.add_argument("--methods", default="gradaccum,contaccum-8192,gradcache,hybrid")
     parser.add_argument("--n_total", type=int, default=64)
     parser.add_argument("--bert_base", action="store_true", help="gpu_paper's bert-base and 256-token passages "
-                        "(on a CPU ~1 min per method at --n_total 16) instead of a tiny BERT")
+                        "(on 2 CPU cores ~6 min per method at --n_total 64) instead of a tiny BERT")
     parser.add_argument("--trainer_args", default="{}", help="JSON of extra training arguments for every method")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "launch_count.json"))

@@ -229,15 +229,14 @@ class BankLogsumexp:
             drop = (torch.arange(first, last, device=keys.device) >= bank.fill)[None, :, None]
         if mask_false_negatives:  # a column with the row's positive key, other than that positive itself
             same = keys[None] == bank.passage_keys[rows][:, None, None]
-            if isinstance(rows, slice) and rows.step in (None, 1):  # rows that are slots of [first, last): a diagonal
-                start, stop, _ = rows.indices(bank.capacity)
+            if isinstance(rows, slice):  # contiguous rows (_blocks' slices): those in [first, last) are a diagonal
+                start, stop, step = rows.indices(bank.capacity)
+                assert step == 1, "the cache reads rows in contiguous blocks"
                 lo, hi = max(start, first), min(stop, last)
                 if lo < hi:
                     same[lo - start:hi - start, lo - first:hi - first, 0].diagonal().fill_(False)
-            else:
-                row_slots = rows if torch.is_tensor(rows) else torch.arange(*rows.indices(bank.capacity),
-                                                                            device=keys.device)
-                same[..., 0] &= row_slots[:, None] != torch.arange(first, last, device=keys.device)[None]
+            else:  # an index of slots (rows written across the wrap-around)
+                same[..., 0] &= rows[:, None] != torch.arange(first, last, device=keys.device)[None]
             drop = same if drop is None else drop | same
         if drop is not None:
             logits = logits.masked_fill(drop, NEG_INF)
