@@ -4,7 +4,7 @@ Dropout is off: compiled code draws its dropout masks differently from eager cod
 torch.compile does), so only a deterministic model can be compared step for step."""
 import pytest
 import torch
-from conftest import tiny_model, toy_rows, trainer_args
+from conftest import DEVICE, tiny_model, toy_rows, trainer_args
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 
@@ -51,3 +51,37 @@ def test_pad_to_multiple_of_bounds_shapes_and_changes_nothing_else(tokenizer):
         a = model(**{k: v for k, v in plain.items() if "_keys" not in k})
         b = model(**{k: v for k, v in padded.items() if "_keys" not in k})
     assert torch.allclose(a.query_embeddings, b.query_embeddings, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [{"torch_compile_mode": "reduce-overhead", "gradient_accumulation_steps": 2},
+                                      {"torch_compile_mode": "max-autotune", "gradient_accumulation_steps": 1,
+                                       "per_device_train_batch_size": 8, "gradcache_chunk_size": 2},
+                                      {"torch_compile_backend": "cudagraphs", "gradient_accumulation_steps": 2}])
+def test_cuda_graphs_with_several_backwards_per_step_are_refused_before_training(tmp_path, settings):
+    with pytest.raises(ValueError, match=r"CUDA graphs.*several backward passes.*overwrite.*96693.*default mode"):
+        trainer_args(tmp_path, **settings)
+    trainer_args(tmp_path, **{**settings, "torch_compile_mode": "max-autotune-no-cudagraphs",
+                              "torch_compile_backend": "inductor"})  # the same without CUDA graphs: allowed
+
+
+def test_cuda_graphs_with_one_backward_per_step_train_like_eager(tmp_path, tokenizer):
+    """Allowed with one backward per step: on a GPU this runs CUDA graphs (fixed shapes by padding); on a CPU
+    inductor runs without them, and the test checks the setting trains."""
+    from datasets import Dataset
+
+    runs = []
+    for compiled in (False, True):
+        args = trainer_args(tmp_path / str(compiled), memory_bank_size=8, gradient_accumulation_steps=1,
+                            per_device_train_batch_size=8, max_steps=4, pad_to_multiple_of=16, torch_compile=compiled,
+                            torch_compile_mode="reduce-overhead" if compiled else None)
+        trainer = ContAccumTrainer(model=tiny_model(), args=args, processing_class=tokenizer,
+                                   train_dataset=Dataset.from_list(toy_rows(40, num_negatives=1)))
+        trainer.train()
+        runs.append(trainer)
+    eager, graphs = runs
+    assert type(graphs.model_wrapped).__name__ == "OptimizedModule" and graphs.args.torch_compile_mode == "reduce-overhead"
+    tolerance = 1e-5 if DEVICE.type == "cpu" else 1e-4  # CUDA: inductor's kernels sum in other orders
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in runs]
+    assert losses[1] == pytest.approx(losses[0], rel=tolerance)
+    for name, value in eager.model.state_dict().items():
+        assert torch.allclose(value, graphs.model.state_dict()[name], atol=tolerance), name

@@ -389,3 +389,18 @@ def test_a_non_finite_loss_stops_sentence_transformers_training_before_its_step(
     with pytest.raises(FloatingPointError, match="a micro-batch of this optimizer step had a non-finite"):
         trainer.train()
     assert loss.contaccum.defer_finite_check and trainer.state.global_step == 0
+
+
+def test_callback_refuses_cuda_graphs_with_accumulation_before_training(tmp_path, encoder_dir):
+    from datasets import Dataset
+
+    model = st_model(encoder_dir())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = ContAccumLoss(model, memory_bank_size=8)
+    trainer = SentenceTransformerTrainer(model=model, args=_st_args(tmp_path, torch_compile_mode="reduce-overhead"),
+                                         train_dataset=Dataset.from_list(toy_rows(16)), loss=loss,
+                                         callbacks=[ContAccumBankCallback(loss)])
+    with pytest.raises(ValueError, match=r"reduce-overhead.*gradient_accumulation_steps=2.*overwrite"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
