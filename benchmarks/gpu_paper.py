@@ -272,7 +272,8 @@ def report(folder: str) -> list[dict]:
     runs = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
-            runs[os.path.basename(path)] = [r for r in json.load(f)["results"] if "seconds_per_step" in r]
+            # other scripts' JSON in the folder (e.g. cuda_graphs.py's) has no "results": skipped
+            runs[os.path.basename(path)] = [r for r in json.load(f).get("results", []) if "seconds_per_step" in r]
     first_gradaccum = {}  # N_total -> GradAccum of the first run that has one (for runs without their own)
     for results in runs.values():
         for r in results:

@@ -102,6 +102,20 @@ def test_gpu_paper_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert gpu_paper.layout("hybrid", 512) == (512, 1, 8192, 8) and gpu_paper.layout("contaccum-1024", 512)[1] == 64
 
 
+def test_cuda_graphs_probe_compares_every_variant_with_eager(tmp_path):
+    """cuda_graphs.py's loop (BiEncoder + ContAccumLoss, K = 4, a bank, hard negatives) as a CPU smoke run, where
+    inductor runs without CUDA graphs: every variant trains like eager, and the parameters move by far more than
+    they differ (so a wrong gradient, e.g. one micro-batch's instead of four, would show on a GPU)."""
+    import cuda_graphs
+
+    out = tmp_path / "cuda_graphs.json"
+    report = cuda_graphs.main(["--out", str(out)])
+    assert json.loads(out.read_text())["correctness"] == report["correctness"]
+    assert list(report["correctness"]) == list(cuda_graphs.VARIANTS)
+    for name, result in report["correctness"].items():
+        assert result["max_param_diff_vs_eager"] < 1e-5 and result["max_param_change"] > 1e-2, (name, result)
+
+
 def test_a_micro_step_dispatches_few_ops_of_ours(tmp_path):
     """launch_count through the Trainer's loop (tiny BERT, N_total 32 in micro-batches of 8): the ops this library
     adds to each micro-step, which on a launch-bound GPU each cost about a kernel launch's host time, stay few
