@@ -167,8 +167,11 @@ def check_cuda_graphs(args, gradcache: bool) -> None:
     if not args.torch_compile:
         return
     graphs = args.torch_compile_mode in CUDA_GRAPH_MODES or str(args.torch_compile_backend).lower() == "cudagraphs"
-    backwards = [f"gradient_accumulation_steps={args.gradient_accumulation_steps}"] * (
-        args.gradient_accumulation_steps > 1) + ["GradCache (its chunks)"] * gradcache
+    backwards = []  # what makes several backward passes per optimizer step
+    if args.gradient_accumulation_steps > 1:
+        backwards.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps}")
+    if gradcache:
+        backwards.append("GradCache (a backward per chunk)")
     if graphs and backwards:
         what = (f"torch_compile_mode={args.torch_compile_mode!r}" if args.torch_compile_mode in CUDA_GRAPH_MODES
                 else "torch_compile_backend='cudagraphs'")
