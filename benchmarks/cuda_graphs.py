@@ -16,6 +16,9 @@ measures, outside the Trainer (a loop of its own: BiEncoder + ContAccumLoss), wh
                compile, and CUDA graphs with kept gradient buffers
 
 On a CPU inductor runs without CUDA graphs, so every variant is plain compile: a smoke run (--speed --tiny there).
+Reading it: if "graphs, grads kept" is as close to eager as "compile" is (the parameters move ~1e-1, compile differs
+~1e-6) and faster than compile, the Trainer could allow CUDA graphs with accumulation by keeping the buffers
+(zeroed .grad for every trainable parameter before the first backward, zero_grad(set_to_none=False) after each step).
 
     python benchmarks/cuda_graphs.py                    # correctness (~1 min on a GPU, compilation included)
     python benchmarks/cuda_graphs.py --speed --out benchmarks/results/cuda_graphs_h200.json
