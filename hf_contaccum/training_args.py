@@ -85,7 +85,8 @@ class ContAccumTrainingArguments(TrainingArguments):
         "more padded tokens of compute. Embeddings are unchanged. For launch-bound micro-steps whose queries "
         "and passages are of similar length; on a CPU a step took 0.59x (tiny BERT, similar lengths) to 1.67x "
         "(MiniLM, short queries and long passages) the time of two calls; on an H200 (bert-base, 32-token queries, "
-        "256-token passages) 0.71x. Off by default: it costs memory for the padding (+18 % peak there).")})
+        "256-token passages) 0.71x. Off by default: it costs memory for the padding (18 percent more at peak "
+        "there).")})  # no percent sign: argparse formats help strings
     query_max_length: int = field(default=64, metadata={"help": "Max tokens of a query (longer is truncated)."})
     passage_max_length: int = field(default=256, metadata={"help": "Max tokens of a passage (longer is truncated)."})
     max_hard_negatives: int | None = field(default=None, metadata={"help": (
