@@ -1,6 +1,7 @@
 """ContAccumTrainingArguments: TrainingArguments plus the memory bank and loss settings."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -164,22 +165,30 @@ def check_cuda_graphs(args, gradcache: bool) -> None:
     (pytorch/pytorch#96693: silently wrong accumulated gradients; #169545: an error in other releases). Gradient
     accumulation is this library's whole point, and GradCache back-propagates once per chunk, so both are refused
     rather than risked. With one backward per step the optimizer consumes the gradients before the next replay, so
-    CUDA graphs are allowed there."""
-    if not args.torch_compile:
+    CUDA graphs are allowed there.
+
+    What is compiled, and how, is what accelerate will use: the Trainer hands it torch_compile_backend and
+    torch_compile_mode, and accelerate takes what they leave unset from the environment (`accelerate launch
+    --dynamo_backend ... --dynamo_mode ...`, or an accelerate config file)."""
+    backend = args.torch_compile_backend or os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    mode = args.torch_compile_mode or os.environ.get("ACCELERATE_DYNAMO_MODE", "default")
+    if str(backend).lower() == "no" or not (mode in CUDA_GRAPH_MODES or str(backend).lower() == "cudagraphs"):
         return
-    graphs = args.torch_compile_mode in CUDA_GRAPH_MODES or str(args.torch_compile_backend).lower() == "cudagraphs"
     backwards = []  # what makes several backward passes per optimizer step
     if args.gradient_accumulation_steps > 1:
         backwards.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps}")
     if gradcache:
         backwards.append("GradCache (a backward per chunk)")
-    if graphs and backwards:
-        what = (f"torch_compile_mode={args.torch_compile_mode!r}" if args.torch_compile_mode in CUDA_GRAPH_MODES
-                else "torch_compile_backend='cudagraphs'")
+    if backwards:
+        if mode in CUDA_GRAPH_MODES:
+            what = f"torch_compile_mode={mode!r}" if args.torch_compile_mode else f"ACCELERATE_DYNAMO_MODE={mode!r}"
+        else:
+            what = f"torch_compile_backend={backend!r}" if args.torch_compile_backend else \
+                f"ACCELERATE_DYNAMO_BACKEND={backend!r}"
         raise ValueError(
             f"{what} runs the model under CUDA graphs, and {' and '.join(backwards)} means several backward passes "
             "per optimizer step: PyTorch's CUDA graph trees can overwrite the gradients accumulated so far with a "
             "later micro-batch's (pytorch/pytorch#96693, #169545: silently wrong gradients in some releases). Use "
-            "torch_compile=True with the default mode (or torch_compile_mode='max-autotune-no-cudagraphs'), with "
-            "pad_to_multiple_of to bound recompilations. CUDA graphs are allowed with one backward per step "
+            "the default mode (torch_compile=True; in accelerate's settings --dynamo_mode default) or "
+            "'max-autotune-no-cudagraphs', with pad_to_multiple_of to bound recompilations. CUDA graphs are allowed with one backward per step "
             "(gradient_accumulation_steps=1, no GradCache).")

@@ -58,10 +58,21 @@ def test_pad_to_multiple_of_bounds_shapes_and_changes_nothing_else(tokenizer):
                                        "per_device_train_batch_size": 8, "gradcache_chunk_size": 2},
                                       {"torch_compile_backend": "cudagraphs", "gradient_accumulation_steps": 2}])
 def test_cuda_graphs_with_several_backwards_per_step_are_refused_before_training(tmp_path, settings):
-    with pytest.raises(ValueError, match=r"CUDA graphs.*several backward passes.*overwrite.*96693.*default mode"):
+    with pytest.raises(ValueError, match=r"CUDA graphs.*several backward passes.*overwrite.*96693.*the default mode"):
         trainer_args(tmp_path, **settings)
     trainer_args(tmp_path, **{**settings, "torch_compile_mode": "max-autotune-no-cudagraphs",
                               "torch_compile_backend": "inductor"})  # the same without CUDA graphs: allowed
+
+
+def test_cuda_graphs_from_accelerate_settings_are_refused_too(tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend inductor --dynamo_mode reduce-overhead` (or an accelerate config) compiles
+    the model under CUDA graphs with torch_compile left False: accelerate takes what the Trainer leaves unset from
+    the environment."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "reduce-overhead")
+    with pytest.raises(ValueError, match=r"ACCELERATE_DYNAMO_MODE='reduce-overhead' runs the model under CUDA graphs"):
+        trainer_args(tmp_path, gradient_accumulation_steps=2)
+    trainer_args(tmp_path, gradient_accumulation_steps=2, torch_compile_mode="default")  # the arguments win
 
 
 def test_cuda_graphs_with_one_backward_per_step_train_like_eager(tmp_path, tokenizer):
