@@ -232,7 +232,8 @@ class ContAccumBankCallback(TrainerCallback):
     and restores it when training resumes from that checkpoint, so the resumed run equals the
     uninterrupted one. The checkpoint is found as the Trainer names it: output_dir/checkpoint-<step>
     (what resume_from_checkpoint=True picks), or args.resume_from_checkpoint. From elsewhere, call
-    loss.contaccum.load_checkpoint(path) before train()."""
+    loss.contaccum.load_checkpoint(path) before train(). Before training it refuses torch.compile's CUDA graphs
+    with gradient accumulation or mini_batch_size (see hf_contaccum.training_args.check_cuda_graphs)."""
 
     def __init__(self, loss: ContAccumLoss):
         if not isinstance(loss, ContAccumLoss):
