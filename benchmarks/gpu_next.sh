@@ -28,9 +28,9 @@ if [ "${1:-1}" = 1 ]; then
 date; timeout 170 $B --methods gradaccum,contaccum-8192,contaccum-65536 --method_timeout 75 --out "$OUT/n512.json"
 date; timeout 250 python3 benchmarks/cuda_graphs.py --speed --out "$OUT/cuda_graphs.json" 2>&1 | grep -v Warning | tail -40
 date; python3 benchmarks/gpu_paper.py --report "$OUT" 2>&1 | grep -v Warning
-date; timeout "${TEST_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_trainer.py \
-    tests/test_gradcache.py tests/test_validation.py tests/test_loss.py \
-    tests/test_compile.py::test_cuda_graphs_with_one_backward_per_step_train_like_eager 2>&1 | tee "$OUT/tests.log" | tail -15
+date; timeout "${TEST_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider -rf \
+    tests/test_compile.py::test_cuda_graphs_with_one_backward_per_step_train_like_eager tests/test_trainer.py \
+    tests/test_gradcache.py tests/test_validation.py tests/test_loss.py 2>&1 | tee "$OUT/tests.log" | tail -15
 else
 date; timeout 75 $B --methods st-cmnrl --method_timeout 70 --out "$OUT/n512_st_cmnrl.json"
 date; timeout 110 $B --methods gradaccum,contaccum-8192 --attention no-cudnn --method_timeout 55 \
