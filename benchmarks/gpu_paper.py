@@ -180,6 +180,18 @@ def encoder_folder(tiny: bool) -> str:
     return path
 
 
+def prefill_bank(loss, dim: int, device) -> None:
+    """A full bank from the first step, so that every timed step pays for all of it: random unit vectors under ids
+    no real passage has (banked hard negatives too, where the loss keeps them)."""
+    import torch
+
+    size = loss.bank.capacity
+    fill = torch.nn.functional.normalize(torch.randn(size, dim, device=device), dim=-1)
+    keys = torch.arange(size, device=device) - 10**12
+    hard = (fill[:, None], (keys - size)[:, None]) if loss.bank.keep_hard_negatives else ()
+    loss.enqueue(fill, fill, keys, *hard)
+
+
 def bank_mib(loss) -> float:
     """What the bank holds on the device: its vectors and keys, and the log-sum-exp cache."""
     bank = loss.bank
@@ -244,11 +256,8 @@ def run_method(method: str, n_total: int, steps: int, warmup: int, tiny: bool, p
                 passage_max_length=passage_tokens, pad_to_multiple_of=32 if compiled else None, **common)
             trainer = ContAccumTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                        processing_class=model.tokenizer, callbacks=callbacks)
-            if bank:  # a full bank from the first step: every timed step pays for all of it
-                device = trainer.args.device
-                d = model.config.encoder_config["hidden_size"]
-                fill = torch.nn.functional.normalize(torch.randn(bank, d, device=device), dim=-1)
-                trainer.contrastive_loss.enqueue(fill, fill, torch.arange(bank, device=device) - 10**12)
+            if bank:
+                prefill_bank(trainer.contrastive_loss, model.config.encoder_config["hidden_size"], trainer.args.device)
         trainer.train()
         bank_size = bank_mib(trainer.contrastive_loss) if hasattr(trainer, "contrastive_loss") else 0.0
     except torch.OutOfMemoryError:

@@ -170,9 +170,9 @@ def check_cuda_graphs(args, gradcache: bool) -> None:
     What is compiled, and how, is what accelerate will use: the Trainer hands it torch_compile_backend and
     torch_compile_mode, and accelerate takes what they leave unset from the environment (`accelerate launch
     --dynamo_backend ... --dynamo_mode ...`, or an accelerate config file)."""
-    backend = args.torch_compile_backend or os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    backend = str(args.torch_compile_backend or os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")).lower()
     mode = args.torch_compile_mode or os.environ.get("ACCELERATE_DYNAMO_MODE", "default")
-    if str(backend).lower() == "no" or not (mode in CUDA_GRAPH_MODES or str(backend).lower() == "cudagraphs"):
+    if backend == "no" or not (mode in CUDA_GRAPH_MODES or backend == "cudagraphs"):
         return
     backwards = []  # what makes several backward passes per optimizer step
     if args.gradient_accumulation_steps > 1:
@@ -190,5 +190,5 @@ def check_cuda_graphs(args, gradcache: bool) -> None:
             "per optimizer step: PyTorch's CUDA graph trees can overwrite the gradients accumulated so far with a "
             "later micro-batch's (pytorch/pytorch#96693, #169545: silently wrong gradients in some releases). Use "
             "the default mode (torch_compile=True; in accelerate's settings --dynamo_mode default) or "
-            "'max-autotune-no-cudagraphs', with pad_to_multiple_of to bound recompilations. CUDA graphs are allowed with one backward per step "
-            "(gradient_accumulation_steps=1, no GradCache).")
+            "'max-autotune-no-cudagraphs', with pad_to_multiple_of to bound recompilations. CUDA graphs are "
+            "allowed with one backward per step (gradient_accumulation_steps=1, no GradCache).")

@@ -18,24 +18,28 @@ MODES = {"bank and banked hard negatives": {},
 def _train(tmp_path, tokenizer, compiled, **overrides):
     from datasets import Dataset
 
-    args = trainer_args(tmp_path, memory_bank_size=8, bank_hard_negatives=True, max_steps=3, torch_compile=compiled,
-                        use_cpu=True, **overrides)
+    args = trainer_args(tmp_path, **{"memory_bank_size": 8, "bank_hard_negatives": True, "max_steps": 3,
+                                     "torch_compile": compiled, "use_cpu": True, **overrides})
     trainer = ContAccumTrainer(model=tiny_model(), args=args,
                                train_dataset=Dataset.from_list(toy_rows(40, num_negatives=1)), processing_class=tokenizer)
     trainer.train()
     return trainer
 
 
+def _assert_trained_alike(eager, compiled, tolerance=1e-5):
+    assert type(compiled.model_wrapped).__name__ == "OptimizedModule"  # really compiled
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=tolerance)
+    for name, value in eager.model.state_dict().items():
+        assert torch.allclose(value, compiled.model.state_dict()[name], atol=tolerance), name
+    assert torch.allclose(eager.memory_bank.queries, compiled.memory_bank.queries, atol=tolerance)
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_compiled_training_equals_eager(tmp_path, tokenizer, mode):
     eager = _train(tmp_path / "eager", tokenizer, False, **MODES[mode])
     compiled = _train(tmp_path / "compiled", tokenizer, True, **MODES[mode])
-    assert type(compiled.model_wrapped).__name__ == "OptimizedModule"  # really compiled
-    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (eager, compiled)]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-    for name, value in eager.model.state_dict().items():
-        assert torch.allclose(value, compiled.model.state_dict()[name], atol=1e-5), name
-    assert torch.allclose(eager.memory_bank.queries, compiled.memory_bank.queries, atol=1e-5)
+    _assert_trained_alike(eager, compiled)
 
 
 def test_pad_to_multiple_of_bounds_shapes_and_changes_nothing_else(tokenizer):
@@ -78,21 +82,9 @@ def test_cuda_graphs_from_accelerate_settings_are_refused_too(tmp_path, monkeypa
 def test_cuda_graphs_with_one_backward_per_step_train_like_eager(tmp_path, tokenizer):
     """Allowed with one backward per step: on a GPU this runs CUDA graphs (fixed shapes by padding); on a CPU
     inductor runs without them, and the test checks the setting trains."""
-    from datasets import Dataset
-
-    runs = []
-    for compiled in (False, True):
-        args = trainer_args(tmp_path / str(compiled), memory_bank_size=8, gradient_accumulation_steps=1,
-                            per_device_train_batch_size=8, max_steps=4, pad_to_multiple_of=16, torch_compile=compiled,
-                            torch_compile_mode="reduce-overhead" if compiled else None)
-        trainer = ContAccumTrainer(model=tiny_model(), args=args, processing_class=tokenizer,
-                                   train_dataset=Dataset.from_list(toy_rows(40, num_negatives=1)))
-        trainer.train()
-        runs.append(trainer)
-    eager, graphs = runs
-    assert type(graphs.model_wrapped).__name__ == "OptimizedModule" and graphs.args.torch_compile_mode == "reduce-overhead"
-    tolerance = 1e-5 if DEVICE.type == "cpu" else 1e-4  # CUDA: inductor's kernels sum in other orders
-    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in runs]
-    assert losses[1] == pytest.approx(losses[0], rel=tolerance)
-    for name, value in eager.model.state_dict().items():
-        assert torch.allclose(value, graphs.model.state_dict()[name], atol=tolerance), name
+    settings = {"gradient_accumulation_steps": 1, "per_device_train_batch_size": 8, "max_steps": 4,
+                "pad_to_multiple_of": 16, "use_cpu": DEVICE.type == "cpu"}
+    eager = _train(tmp_path / "eager", tokenizer, False, **settings)
+    graphs = _train(tmp_path / "graphs", tokenizer, True, torch_compile_mode="reduce-overhead", **settings)
+    assert graphs.args.torch_compile_mode == "reduce-overhead"
+    _assert_trained_alike(eager, graphs, 1e-5 if DEVICE.type == "cpu" else 1e-4)  # CUDA: inductor sums in other orders
