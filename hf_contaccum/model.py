@@ -88,6 +88,20 @@ def _peft_config_dict(peft_config) -> dict:
     return json.loads(json.dumps(peft_config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
+def _saved_tokenizer(source: str):
+    """The tokenizer the Trainer saved beside a BiEncoder's weights, or None where none was saved. A local folder
+    is looked at first: asked for a tokenizer a folder lacks, transformers may fail in ways that also mean a broken
+    one (5.5.4 raised an ImportError about protobuf), and a broken tokenizer must not pass for a missing one."""
+    if os.path.isdir(source):
+        if not any(os.path.isfile(os.path.join(source, name)) for name in ("tokenizer_config.json", "tokenizer.json")):
+            return None
+        return AutoTokenizer.from_pretrained(source)
+    try:  # a hub repository: only asking tells
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def ensure_eos(tokenizer) -> None:
     """Make a fast tokenizer end every text with its EOS token (decoder embedders pool the last token, and
     EOS is the token trained to summarise the text). Done in the tokenizer's own post-processor, so that
@@ -220,10 +234,7 @@ class BiEncoder(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
         model._restore_trainable()
-        try:  # the Trainer saves the tokenizer beside the weights
-            model.tokenizer = AutoTokenizer.from_pretrained(args[0] if args else kwargs["pretrained_model_name_or_path"])
-        except (OSError, ValueError, KeyError):
-            model.tokenizer = None
+        model.tokenizer = _saved_tokenizer(str(args[0] if args else kwargs["pretrained_model_name_or_path"]))
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -18,7 +18,10 @@ from .data import ContrastiveCollator, side_features, split_passages, tokenize_o
 from .gradcache import GradCache, check_engine_supports_gradcache
 from .loss import BANK_FILE, ContAccumLoss, check_bank_fits
 from .model_card import build_model_card
-from .training_args import ContAccumTrainingArguments
+from .training_args import (
+    ContAccumTrainingArguments,
+    check_single_accumulation_division,
+)
 from .validation import check_dataset, checked_stream
 
 logger = logging.getLogger(__name__)
@@ -141,6 +144,7 @@ class ContAccumTrainer(Trainer):
         finally:
             args.eval_strategy = eval_strategy
         self.evaluator = evaluator
+        check_single_accumulation_division()
         gathered = self.accelerator.num_processes if args.gather_across_devices else 1
         if gathered > 1 and not self.accelerator.even_batches:
             # a rank that runs out of batches would leave the others waiting in the gather forever

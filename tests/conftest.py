@@ -175,3 +175,17 @@ def launch(cmd, timeout=240, check=True):
                       f"{proc.stderr[-1500:]}")
     assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def accelerate_told_the_accumulation_steps(monkeypatch):
+    """What transformers 5.0 to 5.5.3 did: the Trainer also handed accelerate gradient_accumulation_steps, whose
+    backward then divided every loss by them a second time."""
+    from transformers import Trainer
+
+    built = Trainer.create_accelerator_and_postprocess
+
+    def old_trainer(self):
+        built(self)
+        self.accelerator.gradient_accumulation_steps = self.args.gradient_accumulation_steps
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", old_trainer)

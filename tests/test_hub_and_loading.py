@@ -111,6 +111,18 @@ def test_saved_model_loads_three_ways_with_identical_embeddings(tmp_path, tokeni
         assert torch.allclose(emb.cpu(), p, atol=1e-5)
 
 
+def test_loading_without_a_saved_tokenizer_gives_none_and_a_broken_one_fails(tmp_path, tokenizer):
+    tiny_model().save_pretrained(tmp_path / "bare")  # a model saved without its tokenizer
+    assert BiEncoder.from_pretrained(tmp_path / "bare").tokenizer is None
+    model = tiny_model()
+    model.tokenizer = tokenizer
+    model.save_pretrained(tmp_path / "full")
+    assert BiEncoder.from_pretrained(tmp_path / "full").tokenizer(["apple"])["input_ids"] == tokenizer(["apple"])["input_ids"]
+    (tmp_path / "full" / "tokenizer.json").write_text("{not json")  # broken, not missing: say so
+    with pytest.raises(Exception):  # noqa: B017 (transformers' own error, which differs by version)
+        BiEncoder.from_pretrained(tmp_path / "full")
+
+
 @pytest.mark.parametrize("similarity", ["cos", "dot"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_saved_model_scores_with_its_training_similarity(tmp_path, tokenizer, toy_dataset, similarity, normalize):

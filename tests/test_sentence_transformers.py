@@ -5,7 +5,14 @@ import os
 
 import pytest
 import torch
-from conftest import launch, make_tokenizer, tiny_bert_config, toy_rows, trainer_args
+from conftest import (
+    accelerate_told_the_accumulation_steps,
+    launch,
+    make_tokenizer,
+    tiny_bert_config,
+    toy_rows,
+    trainer_args,
+)
 
 st = pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -401,6 +408,22 @@ def test_callback_refuses_cuda_graphs_with_accumulation_before_training(tmp_path
                                          train_dataset=Dataset.from_list(toy_rows(16)), loss=loss,
                                          callbacks=[ContAccumBankCallback(loss)])
     with pytest.raises(ValueError, match=r"reduce-overhead.*gradient_accumulation_steps=2.*overwrite"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_callback_refuses_a_trainer_that_would_divide_by_the_accumulation_steps_twice(tmp_path, encoder_dir,
+                                                                                      monkeypatch):
+    from datasets import Dataset
+
+    accelerate_told_the_accumulation_steps(monkeypatch)
+    model = st_model(encoder_dir())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = ContAccumLoss(model, memory_bank_size=8)
+    trainer = SentenceTransformerTrainer(model=model, args=_st_args(tmp_path), train_dataset=Dataset.from_list(toy_rows(16)),
+                                         loss=loss, callbacks=[ContAccumBankCallback(loss)])
+    with pytest.raises(RuntimeError, match=r"divides every loss by 2.*5\.5\.4"):
         trainer.train()
     assert trainer.state.global_step == 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

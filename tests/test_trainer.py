@@ -5,7 +5,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, on_device, tiny_model, toy_rows, trainer_args
+from conftest import (
+    DEVICE,
+    accelerate_told_the_accumulation_steps,
+    on_device,
+    tiny_model,
+    toy_rows,
+    trainer_args,
+)
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 
@@ -405,6 +412,17 @@ def test_bank_smaller_than_a_micro_batch_and_no_tokenizer(tmp_path, tokenizer, t
                          train_dataset=toy_dataset(8), processing_class=tokenizer)
     with pytest.raises(ValueError, match="no tokenizer: pass processing_class"):
         ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path), train_dataset=toy_dataset(8))
+
+
+def test_a_trainer_that_would_divide_by_the_accumulation_steps_twice_is_refused(tmp_path, tokenizer, toy_dataset,
+                                                                                 monkeypatch):
+    accelerate_told_the_accumulation_steps(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"gradient_accumulation_steps=2.*divides every loss by 2.*5\.5\.4"):
+        ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path), train_dataset=toy_dataset(16),
+                         processing_class=tokenizer)
+    # one micro-batch per step: nothing is divided, by either
+    ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path, gradient_accumulation_steps=1),
+                     train_dataset=toy_dataset(16), processing_class=tokenizer)
 
 
 def test_resume_with_another_bank_size_is_refused(tmp_path, tokenizer, toy_dataset):
