@@ -201,8 +201,8 @@ def check_single_accumulation_division() -> None:
     also handed the steps to accelerate, whose backward divides again (fixed in 5.5.4, which hands it 1): every
     gradient came out K times too small — a scale that Adam almost hides, but that the gradient clipping
     threshold, SGD and GradCache's cached gradients do not (our reference tests failed on 5.2 to 5.5.3, passed
-    on 5.5.4). pip keeps transformers >= 5.5.4; this catches an older one installed beside it (--no-deps, a
-    pinned image). Call after the Trainer has built its Accelerator. DeepSpeed is exempt: its engine scales by
+    on 5.5.4). pip keeps transformers at this library's floor (5.18) or above; this catches an older one
+    installed beside it (--no-deps, a pinned image). Call after the Trainer has built its Accelerator. DeepSpeed is exempt: its engine scales by
     its own steps, and the Trainer tells accelerate not to."""
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedType
@@ -215,4 +215,4 @@ def check_single_accumulation_division() -> None:
             f"accelerate was given gradient_accumulation_steps={steps}, so its backward divides every loss by {steps} "
             "after the Trainer has already divided it: gradients would come out that many times too small. "
             f"transformers {transformers.__version__} does this (5.0 to 5.5.3 did; fixed in 5.5.4): "
-            "pip install 'transformers>=5.5.4'.")
+            "pip install 'transformers>=5.18' (this library's floor).")
