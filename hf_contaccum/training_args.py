@@ -202,8 +202,8 @@ def check_single_accumulation_division() -> None:
     gradient came out K times too small — a scale that Adam almost hides, but that the gradient clipping
     threshold, SGD and GradCache's cached gradients do not (our reference tests failed on 5.2 to 5.5.3, passed
     on 5.5.4). pip keeps transformers at this library's floor (5.18) or above; this catches an older one
-    installed beside it (--no-deps, a pinned image). Call after the Trainer has built its Accelerator. DeepSpeed is exempt: its engine scales by
-    its own steps, and the Trainer tells accelerate not to."""
+    installed beside it (--no-deps, a pinned image). Call after the Trainer has built its Accelerator. DeepSpeed
+    is exempt: its engine scales by its own steps, and the Trainer tells accelerate not to."""
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedType
 

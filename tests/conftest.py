@@ -189,3 +189,16 @@ def accelerate_told_the_accumulation_steps(monkeypatch):
         self.accelerator.gradient_accumulation_steps = self.args.gradient_accumulation_steps
 
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", old_trainer)
+
+
+def assert_trained_alike(eager, compiled, bank, tolerance=1e-5):
+    """Two finished trainers, one with torch.compile: really compiled, and the same losses, parameters and bank
+    (bank(trainer) -> a bank tensor) as eager."""
+    import pytest
+
+    assert type(compiled.model_wrapped).__name__ == "OptimizedModule"
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=tolerance)
+    for name, value in eager.model.state_dict().items():
+        assert torch.allclose(value, compiled.model.state_dict()[name], atol=tolerance), name
+    assert torch.allclose(bank(eager), bank(compiled), atol=tolerance)
