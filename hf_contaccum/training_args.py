@@ -216,3 +216,32 @@ def check_single_accumulation_division() -> None:
             "after the Trainer has already divided it: gradients would come out that many times too small. "
             f"transformers {transformers.__version__} does this (5.0 to 5.5.3 did; fixed in 5.5.4): "
             "pip install 'transformers>=5.18' (this library's floor).")
+
+
+def check_fsdp2_gradient_average() -> None:
+    """Refuse FSDP2 on a process group whose reduce-scatter sums where FSDP2 asks it to average.
+
+    FSDP2 reduce-scatters fp32 gradients with ReduceOp.AVG. gloo (the CPU backend) accepted AVG there and summed
+    in torch 2.7 and 2.8 (pytorch/pytorch#162338, a silent correctness bug; 2.9.0 and later average): every gradient came
+    out world-size times too large. Adam nearly hides that scale, clipping and SGD do not (our FSDP2 test with SGD
+    on torch 2.8: exactly 2x the single-process update on 2 processes). Rather than trust version numbers, this
+    asks the group itself, with a reduce-scatter of ones on the training device, whenever FSDP2 runs. Call after
+    the Trainer has built its Accelerator (every process calls it: it is a collective)."""
+    import torch
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState()
+    if not (state.is_fsdp2 and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    averaged = torch.empty(1, device=state.device)
+    # torch 2.13 renamed reduce_scatter_tensor (deprecated there) reduce_scatter_single
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(averaged, torch.ones(world, device=state.device), op=dist.ReduceOp.AVG)
+    if averaged.item() != 1.0:
+        raise RuntimeError(
+            f"FSDP2 on this process group would sum the gradients of the {world} processes instead of averaging "
+            f"them: torch {torch.__version__}'s reduce-scatter on {state.device} returned {averaged.item():g} for the "
+            f"average of {world} ones (gloo in torch 2.7 and 2.8: pytorch/pytorch#162338). Gradients would come out {world}x "
+            "too large. pip install 'torch>=2.9', or use DDP (accelerate_configs/cpu_2proc.yaml) on CPU processes.")

@@ -7,7 +7,8 @@ logged losses, and every rank's bank checksum.
 
 config: rows, negatives, args (ContAccumTrainingArguments overrides), and optionally
 refresh_block (the refresh's block size), engine ("deepspeed" or "fsdp": see force_engine_on_cpu), init (a saved BiEncoder folder to
-start from; under ZeRO-3 from_pretrained partitions it while loading), resume (a checkpoint).
+start from; under ZeRO-3 from_pretrained partitions it while loading), resume (a checkpoint), sum_for_avg
+(gloo's reduce-scatter sums when asked to average, as in torch 2.7 and 2.8).
 """
 import functools
 import json
@@ -37,6 +38,20 @@ def force_engine_on_cpu(engine):
         state._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
+def sum_for_avg():
+    """What gloo's reduce-scatter did with ReduceOp.AVG in torch 2.7 and 2.8 (pytorch/pytorch#162338): it summed."""
+    from torch.distributed import ReduceOp
+
+    def summing(original):
+        def reduce_scatter(output, input, op=ReduceOp.SUM, **kwargs):
+            return original(output, input, op=ReduceOp.SUM if op == ReduceOp.AVG else op, **kwargs)
+        return reduce_scatter
+
+    for name in ("reduce_scatter_tensor", "reduce_scatter_single"):  # torch 2.13 deprecates the first
+        if hasattr(torch.distributed, name):
+            setattr(torch.distributed, name, summing(getattr(torch.distributed, name)))
+
+
 def main(out_dir, config):
     from accelerate import PartialState
     from datasets import Dataset
@@ -47,6 +62,8 @@ def main(out_dir, config):
     args = trainer_args(Path(out_dir), **{"use_cpu": True, **config["args"]})  # gloo: the CPU, unless the test says
     if config.get("engine"):
         force_engine_on_cpu(config["engine"])
+    if config.get("sum_for_avg"):
+        sum_for_avg()
     state = PartialState()
     assert state.num_processes == 2, f"expected 2 processes, got {state.num_processes}"
     assert torch.distributed.get_world_size() == 2
