@@ -1,7 +1,7 @@
 """Does this torch's gloo backend average when asked to? FSDP2 reduce-scatters fp32 gradients with ReduceOp.AVG;
 gloo summed instead in torch 2.7 and 2.8 (pytorch/pytorch#162338), so FSDP2 on CPU processes trained on gradients
 world-size times too large. hf_contaccum refuses that before training (training_args.check_fsdp2_gradient_average,
-the same reduce-scatter); this prints what a torch does, for README "Versions".
+with the same average_of_ones); this prints what a torch does, for README "Versions".
 
     python benchmarks/gloo_average.py >> benchmarks/results/lowest_versions/gloo_average.jsonl
 """
@@ -13,19 +13,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hf_contaccum.training_args import average_of_ones
+
 WORLD = 2
 
 
 def worker(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    averaged = torch.empty(1)
-    # torch 2.13 renamed reduce_scatter_tensor (deprecated there) reduce_scatter_single
-    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    reduce_scatter(averaged, torch.ones(WORLD), op=dist.ReduceOp.AVG)
+    average = average_of_ones("cpu")
     if rank == 0:
-        print(json.dumps({"torch": torch.__version__, "processes": WORLD, "reduce_scatter_avg_of_ones": averaged.item(),
-                          "averages": averaged.item() == 1.0}), flush=True)
+        print(json.dumps({"torch": torch.__version__, "processes": WORLD, "reduce_scatter_avg_of_ones": average,
+                          "averages": average == 1.0}), flush=True)
     dist.destroy_process_group()
 
 

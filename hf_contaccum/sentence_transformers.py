@@ -25,11 +25,7 @@ from transformers import TrainerCallback
 from . import loss as core
 from .gradcache import GradCache
 from .model_card import CONTACCUM_BIBTEX, GRADCACHE_BIBTEX
-from .training_args import (
-    check_cuda_graphs,
-    check_fsdp2_gradient_average,
-    check_single_accumulation_division,
-)
+from .training_args import check_cuda_graphs, check_gradient_scale
 
 try:  # sentence-transformers >= 6.1: one forward for the candidate columns, as its own losses do
     from sentence_transformers.base.losses.merged_forward import embed_columns
@@ -251,8 +247,7 @@ class ContAccumBankCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         check_cuda_graphs(args, gradcache=self.loss.gradcache is not None)
-        check_single_accumulation_division()
-        check_fsdp2_gradient_average()
+        check_gradient_scale()
         self.loss.contaccum.defer_finite_check_to_step()  # on_pre_optimizer_step below reads it
         if state.global_step == 0 or self.loss.contaccum.restored_step == state.global_step:
             return  # a fresh run, or a bank restored by hand for this step

@@ -20,8 +20,7 @@ from .loss import BANK_FILE, ContAccumLoss, check_bank_fits
 from .model_card import build_model_card
 from .training_args import (
     ContAccumTrainingArguments,
-    check_fsdp2_gradient_average,
-    check_single_accumulation_division,
+    check_gradient_scale,
 )
 from .validation import check_dataset, checked_stream
 
@@ -145,8 +144,7 @@ class ContAccumTrainer(Trainer):
         finally:
             args.eval_strategy = eval_strategy
         self.evaluator = evaluator
-        check_single_accumulation_division()
-        check_fsdp2_gradient_average()
+        check_gradient_scale()
         gathered = self.accelerator.num_processes if args.gather_across_devices else 1
         if gathered > 1 and not self.accelerator.even_batches:
             # a rank that runs out of batches would leave the others waiting in the gather forever

@@ -218,30 +218,45 @@ def check_single_accumulation_division() -> None:
             "pip install 'transformers>=5.18' (this library's floor).")
 
 
+def average_of_ones(device) -> float:
+    """What the default process group's reduce-scatter returns, asked for ReduceOp.AVG of a 1 from every process:
+    1.0 where it averages (gloo in torch 2.7 and 2.8 returned the number of processes)."""
+    import torch.distributed as dist
+
+    averaged = torch.empty(1, device=device)
+    # torch 2.13 renamed reduce_scatter_tensor (deprecated there) reduce_scatter_single
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(averaged, torch.ones(dist.get_world_size(), device=device), op=dist.ReduceOp.AVG)
+    return averaged.item()
+
+
 def check_fsdp2_gradient_average() -> None:
     """Refuse FSDP2 on a process group whose reduce-scatter sums where FSDP2 asks it to average.
 
     FSDP2 reduce-scatters fp32 gradients with ReduceOp.AVG. gloo (the CPU backend) accepted AVG there and summed
-    in torch 2.7 and 2.8 (pytorch/pytorch#162338, a silent correctness bug; 2.9.0 and later average): every gradient came
-    out world-size times too large. Adam nearly hides that scale, clipping and SGD do not (our FSDP2 test with SGD
-    on torch 2.8: exactly 2x the single-process update on 2 processes). Rather than trust version numbers, this
-    asks the group itself, with a reduce-scatter of ones on the training device, whenever FSDP2 runs. Call after
+    in torch 2.7 and 2.8 (pytorch/pytorch#162338, a silent correctness bug; 2.9.0 and later average): every gradient
+    came out world-size times too large. Adam nearly hides that scale, clipping and SGD do not (our FSDP2 test with
+    SGD on torch 2.7 and 2.8: exactly 2x the single-process update on 2 processes). Rather than trust version
+    numbers, this asks the group itself (average_of_ones on the training device) whenever FSDP2 runs. Call after
     the Trainer has built its Accelerator (every process calls it: it is a collective)."""
-    import torch
     import torch.distributed as dist
     from accelerate.state import AcceleratorState
 
     state = AcceleratorState()
     if not (state.is_fsdp2 and dist.is_initialized()):
         return
-    world = dist.get_world_size()
-    averaged = torch.empty(1, device=state.device)
-    # torch 2.13 renamed reduce_scatter_tensor (deprecated there) reduce_scatter_single
-    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    reduce_scatter(averaged, torch.ones(world, device=state.device), op=dist.ReduceOp.AVG)
-    if averaged.item() != 1.0:
+    world, average = dist.get_world_size(), average_of_ones(state.device)
+    if average != 1.0:
         raise RuntimeError(
             f"FSDP2 on this process group would sum the gradients of the {world} processes instead of averaging "
-            f"them: torch {torch.__version__}'s reduce-scatter on {state.device} returned {averaged.item():g} for the "
-            f"average of {world} ones (gloo in torch 2.7 and 2.8: pytorch/pytorch#162338). Gradients would come out {world}x "
-            "too large. pip install 'torch>=2.9', or use DDP (accelerate_configs/cpu_2proc.yaml) on CPU processes.")
+            f"them: torch {torch.__version__}'s reduce-scatter on {state.device} returned {average:g} for the "
+            f"average of {world} ones (gloo in torch 2.7 and 2.8: pytorch/pytorch#162338). Gradients would come out "
+            f"{world}x too large. pip install 'torch>=2.9', or use DDP (accelerate_configs/cpu_2proc.yaml) on CPU "
+            "processes.")
+
+
+def check_gradient_scale() -> None:
+    """Refuse, before training, a stack that would scale every gradient wrongly: both checks above. Call after the
+    Trainer has built its Accelerator, in every process."""
+    check_single_accumulation_division()
+    check_fsdp2_gradient_average()
