@@ -25,11 +25,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
+import hf_contaccum
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_paper
 
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "lift_fresh", "_local_scalar_dense"}  # allocate, or read
-LIBRARY = f"{os.sep}hf_contaccum{os.sep}"
+# the package's own folder, not any path with "hf_contaccum" in it: a checkout cloned as hf_contaccum/ holds .ci-venv
+# (torch, transformers) below that name too
+LIBRARY = os.path.dirname(os.path.abspath(hf_contaccum.__file__)) + os.sep
 
 
 def dispatcher(frame) -> str:
@@ -41,7 +45,7 @@ def dispatcher(frame) -> str:
         if frame.f_code.co_name == "_engine_run_backward":
             return "backward"
         if f"{os.sep}torch{os.sep}" not in path and not path.endswith("launch_count.py"):
-            if LIBRARY in path:
+            if path.startswith(LIBRARY):
                 return "hf_contaccum/" + os.path.basename(path)
             in_transformers = f"{os.sep}transformers{os.sep}" in path
             return "encoder" if in_transformers and not os.path.basename(path).startswith("trainer") else \
