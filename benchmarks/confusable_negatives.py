@@ -17,7 +17,7 @@ import torch
 
 from hf_contaccum import BiEncoder
 from hf_contaccum.quickstart import default_encoder_path
-from hf_contaccum.sample_data import load_wordnet_sample
+from hf_contaccum.data.sample import load_wordnet_sample
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from debian_packages import load_debian_packages

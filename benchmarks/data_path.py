@@ -30,7 +30,7 @@ def timed(fn, repeats=3):
 def check_figures():
     from datasets import Dataset
 
-    from hf_contaccum.validation import check_dataset
+    from hf_contaccum.data.validation import check_dataset
 
     n = 1_000_000
     ds = Dataset.from_dict({"query": [f"query number {i}" for i in range(n)],
@@ -45,9 +45,9 @@ def check_figures():
 def collate_figures():
     from transformers import AutoTokenizer
 
-    from hf_contaccum.data import ContrastiveCollator, tokenize_once
+    from hf_contaccum.data.collator import ContrastiveCollator, tokenize_once
     from hf_contaccum.quickstart import default_encoder_path
-    from hf_contaccum.sample_data import load_wordnet_sample
+    from hf_contaccum.data.sample import load_wordnet_sample
 
     tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
     train, *_ = load_wordnet_sample(max_train=4000)

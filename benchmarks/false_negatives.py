@@ -27,7 +27,7 @@ def lemmas(passage: str) -> set:
 
 
 def main():
-    from hf_contaccum.sample_data import load_wordnet_sample
+    from hf_contaccum.data.sample import load_wordnet_sample
 
     train = load_wordnet_sample(max_eval_queries=500, max_corpus=3000)[0]
     ids = train["positive_id"]

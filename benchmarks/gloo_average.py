@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hf_contaccum.training_args import average_of_ones
+from hf_contaccum.integrations.guards import average_of_ones
 
 WORLD = 2
 

@@ -60,7 +60,7 @@ def layout(method: str, n_total: int):
 
 def make_rows(num_rows: int, passage_tokens: int):
     """(query, positive, negative) rows of real WordNet text; passages long enough to fill passage_tokens."""
-    from hf_contaccum.sample_data import load_wordnet_sample
+    from hf_contaccum.data.sample import load_wordnet_sample
 
     train, *_ = load_wordnet_sample()
     definitions = [train[i]["query"] for i in range(len(train))]
@@ -158,7 +158,7 @@ def encoder_folder(tiny: bool) -> str:
     )
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    from hf_contaccum.sample_data import load_wordnet_sample
+    from hf_contaccum.data.sample import load_wordnet_sample
 
     train, *_ = load_wordnet_sample()
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))

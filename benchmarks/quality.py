@@ -92,7 +92,7 @@ def load_task(task, eval_queries, corpus_size):
         from debian_packages import load_debian_packages
 
         return load_debian_packages(max_eval_queries=eval_queries, max_corpus=corpus_size)
-    from hf_contaccum.sample_data import load_wordnet_sample
+    from hf_contaccum.data.sample import load_wordnet_sample
 
     return load_wordnet_sample(max_eval_queries=eval_queries, max_corpus=corpus_size)
 

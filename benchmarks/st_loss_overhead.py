@@ -65,7 +65,7 @@ def main():
     from transformers import TrainerCallback
 
     from hf_contaccum.quickstart import default_encoder_path
-    from hf_contaccum.sample_data import load_wordnet_sample
+    from hf_contaccum.data.sample import load_wordnet_sample
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ def main(argv=None):
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
     from hf_contaccum.quickstart import default_encoder_path
-    from hf_contaccum.sample_data import load_wordnet_sample
+    from hf_contaccum.data.sample import load_wordnet_sample
     from hf_contaccum.sentence_transformers import ContAccumBankCallback, ContAccumLoss
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,26 +1,35 @@
 """hf_contaccum: Contrastive Accumulation (ContAccum) for dense retrievers.
 
-ContAccumLoss owns the micro-step (any training loop); ContAccumTrainer runs it in the
-Hugging Face Trainer; hf_contaccum.sentence_transformers.ContAccumLoss in sentence-transformers."""
-from .bank import MemoryBank
-from .data import ColumnMap, ContrastiveCollator
-from .diagnostics import EmbeddingCollapseError
-from .evaluation import RetrievalEvaluator
-from .loss import ContAccumLoss
-from .model import BiEncoder, BiEncoderConfig
-from .trainer import ContAccumTrainer
-from .training_args import ContAccumTrainingArguments
+ContAccumTrainer trains a BiEncoder in the Hugging Face Trainer; hf_contaccum.sentence_transformers has the
+loss for SentenceTransformerTrainer; ContAccumLoss is the loss on embeddings for any training loop.
+Documentation: docs/index.md.
+"""
+from .core.bank import MemoryBank
+from .core.diagnostics import EmbeddingCollapseError, NoNegativesError
+from .core.loss import ContAccumLoss
+from .data.collator import ContrastiveCollator
+from .data.columns import ColumnMap
+from .evaluation.evaluator import RetrievalEvaluator
+from .integrations.lifecycle import ContAccumCallback
+from .integrations.trainer import ContAccumTrainer
+from .integrations.training_args import ContAccumTrainingArguments
+from .model.biencoder import BiEncoder
+from .model.config import BiEncoderConfig
+from .settings import ContAccumSettings
 
 __all__ = [
-           "BiEncoder",
-           "BiEncoderConfig",
-           "ColumnMap",
-           "ContAccumLoss",
-           "ContAccumTrainer",
-           "ContAccumTrainingArguments",
-           "ContrastiveCollator",
-           "EmbeddingCollapseError",
-           "MemoryBank",
-           "RetrievalEvaluator",
+    "BiEncoder",
+    "BiEncoderConfig",
+    "ColumnMap",
+    "ContAccumCallback",
+    "ContAccumLoss",
+    "ContAccumSettings",
+    "ContAccumTrainer",
+    "ContAccumTrainingArguments",
+    "ContrastiveCollator",
+    "EmbeddingCollapseError",
+    "MemoryBank",
+    "NoNegativesError",
+    "RetrievalEvaluator",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -18,11 +18,8 @@ def default_encoder_path() -> str:
 
 
 def main(argv=None):
-    from .evaluation import RetrievalEvaluator
-    from .model import BiEncoder
-    from .sample_data import load_wordnet_sample
-    from .trainer import ContAccumTrainer
-    from .training_args import ContAccumTrainingArguments
+    from . import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments, RetrievalEvaluator
+    from .data.sample import load_wordnet_sample
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="encoder checkpoint (default: the offline all-MiniLM-L6-v2)")

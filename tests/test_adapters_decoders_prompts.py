@@ -4,17 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import (
-    make_decoder_tokenizer,
-    make_tokenizer,
-    on_device,
-    saved_base_model,
-    tiny_bert_config,
-    tiny_decoder_config,
-    toy_rows,
-    trainer_args,
-)
-from reference import chunked_reference_grads
+from helpers.data import toy_rows
+from helpers.models import make_decoder_tokenizer, make_tokenizer, saved_base_model, tiny_bert_config, tiny_decoder_config
+from helpers.trainers import on_device, trainer_args
+from helpers.references import chunked_reference_grads
 
 from hf_contaccum import BiEncoder, ContAccumTrainer, ContrastiveCollator
 

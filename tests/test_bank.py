@@ -6,8 +6,8 @@ import psutil
 import pytest
 import torch
 
-from hf_contaccum.bank import MemoryBank, bank_columns
-from hf_contaccum.loss import ContAccumLoss
+from hf_contaccum.core.bank import MemoryBank
+from hf_contaccum.core.loss import ContAccumLoss
 
 
 def _push(bank, start, n, d=4, h=0):
@@ -141,11 +141,11 @@ def test_log_sum_exp_cache_never_exceeds_the_bank_vectors(capacity, dim):
     loss_fn = ContAccumLoss(capacity)
     vectors = torch.nn.functional.normalize(torch.randn(capacity, dim), dim=-1)
     loss_fn.enqueue(vectors, vectors, torch.arange(capacity))
-    loss_fn.bank_lse.update(loss_fn.bank, (loss_fn.bank.ptr, 0), 1.0, True)
+    loss_fn.cache.update(loss_fn.bank, (loss_fn.bank.ptr, 0))
     vector_bytes = 2 * capacity * dim * 4
-    assert 0 < loss_fn.bank_lse.nbytes() <= vector_bytes
+    assert 0 < loss_fn.cache.nbytes() <= vector_bytes
     if dim >= 96:  # ~d/10 floats per row: within 10 % of the vectors (small d: min(16, d) + 2 floats per row)
-        assert loss_fn.bank_lse.nbytes() <= 0.1 * vector_bytes
+        assert loss_fn.cache.nbytes() <= 0.1 * vector_bytes
 
 
 def test_the_bank_adds_little_beyond_its_vectors_while_the_encoder_holds_its_activations():
@@ -199,7 +199,7 @@ def test_the_bank_adds_little_beyond_its_vectors_while_the_encoder_holds_its_act
 def test_automatic_sizes_match_the_equations():
     """Default sizes with a granule > 1, a chunk that does not divide N_mem and micro-batches that do not
     divide the granule: the sweep's pointer lands mid-granule, and the bank wraps around."""
-    from reference import naive_contaccum_loss
+    from helpers.references import naive_contaccum_loss
 
     torch.manual_seed(3)
     d, n, m = 20, 3, 100
@@ -213,12 +213,12 @@ def test_automatic_sizes_match_the_equations():
         assert torch.allclose(loss, naive_contaccum_loss(q, p, None, bq, bp, None, 0.5), atol=1e-5)
         loss.backward()
     # 16 floats per row: 100 / 15 -> 7 chunk values + 15 / 2 -> 8 suffix values
-    assert (loss_fn.bank_lse.chunk_size, loss_fn.bank_lse.granule) == (15, 2)
+    assert (loss_fn.cache.chunk_size, loss_fn.cache.granule) == (15, 2)
 
 
 def _brute_force_row_lse(loss_fn):
     bank, f = loss_fn.bank, loss_fn.bank.fill
-    vecs, keys = bank_columns(bank)
+    vecs, keys = bank.columns()
     logits = bank.queries[:f] @ vecs.flatten(0, 1).T / loss_fn.temperature
     own = torch.zeros(f, keys.numel(), dtype=torch.bool)
     own[torch.arange(f), torch.arange(f) * keys.shape[1]] = True
@@ -236,16 +236,17 @@ def test_the_cache_equals_a_brute_force_log_sum_exp_after_every_enqueue(capacity
     negatives. The cache must equal the log-sum-exp of the whole bank block, recomputed from scratch."""
     torch.manual_seed(capacity)
     chunk = capacity if chunk == "capacity" else chunk
-    loss_fn = ContAccumLoss(capacity, 0.5, bank_chunk_size=chunk, bank_hard_negatives=bool(hard_negatives))
+    loss_fn = ContAccumLoss(capacity, 0.5, bank_hard_negatives=bool(hard_negatives))
+    loss_fn.cache.requested_chunk_size = chunk
     sizes = [3, 4, 4, 5, 1, 2, 7, capacity, capacity + 3, 8]
     for step in range(4 * len(sizes)):
         n, d, h = sizes[step % len(sizes)], 6, hard_negatives
         loss_fn.enqueue(torch.randn(n, d), torch.randn(n, d), torch.randint(0, 3 * capacity, (n,)),
                         torch.randn(n, h, d) if h else None, torch.randint(0, 3 * capacity, (n, h)) if h else None)
         if step == 2:
-            loss_fn.bank_lse.stale = True
-            loss_fn.bank_lse.update(loss_fn.bank, (loss_fn.bank.ptr, 0), 0.5, True)
-        got = loss_fn.bank_lse.row_lse(slice(0, loss_fn.bank.fill))
+            loss_fn.cache.stale = True
+            loss_fn.cache.update(loss_fn.bank, (loss_fn.bank.ptr, 0))
+        got = loss_fn.cache.row_lse(loss_fn.bank, slice(0, loss_fn.bank.fill))
         torch.testing.assert_close(got, _brute_force_row_lse(loss_fn), atol=1e-4, rtol=1e-5)
 
 
@@ -253,7 +254,7 @@ def test_an_enqueue_costs_order_n_local_x_n_mem_logits(monkeypatch):
     """The refresh computes ~(4 N_local + granule) x N_mem logits per enqueue, on average over a sweep: at
     N_mem 4096 and d 384, 35 per row for 8 new pairs (a chunked cache without the sweep recomputes the whole
     touched chunk: with chunks sized for the same memory, 108 + 8 per row)."""
-    from hf_contaccum.bank import BankLogsumexp
+    from hf_contaccum.core.lse_cache import BankLogsumexp
 
     counted = []
     slot_lse = BankLogsumexp._slot_lse
@@ -268,9 +269,9 @@ def test_an_enqueue_costs_order_n_local_x_n_mem_logits(monkeypatch):
     vectors = torch.nn.functional.normalize(torch.randn(m, d), dim=-1)
     loss_fn.enqueue(vectors, vectors, torch.arange(m))
     monkeypatch.setattr(BankLogsumexp, "_slot_lse", counting)
-    enqueues = 4 * loss_fn.bank_lse.chunk_size // n  # several sweeps
+    enqueues = 4 * loss_fn.cache.chunk_size // n  # several sweeps
     for step in range(enqueues):
         q = torch.nn.functional.normalize(torch.randn(n, d), dim=-1)
         loss_fn.enqueue(q, q, torch.arange(n) + m + step * n)
     per_row = sum(counted) / enqueues / m
-    assert per_row <= 5 * n + loss_fn.bank_lse.granule, (per_row, loss_fn.bank_lse.chunk_size)
+    assert per_row <= 5 * n + loss_fn.cache.granule, (per_row, loss_fn.cache.chunk_size)

@@ -4,7 +4,9 @@ Dropout is off: compiled code draws its dropout masks differently from eager cod
 torch.compile does), so only a deterministic model can be compared step for step."""
 import pytest
 import torch
-from conftest import DEVICE, assert_trained_alike, tiny_model, toy_rows, trainer_args
+from helpers.data import toy_rows
+from helpers.models import tiny_model
+from helpers.trainers import DEVICE, assert_trained_alike, trainer_args
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 

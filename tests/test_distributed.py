@@ -5,7 +5,10 @@ import sys
 
 import pytest
 import torch
-from conftest import launch, tiny_model, toy_rows, trainer_args
+from helpers.data import toy_rows
+from helpers.launch import launch
+from helpers.models import tiny_model
+from helpers.trainers import trainer_args
 
 from hf_contaccum import ContAccumTrainer
 

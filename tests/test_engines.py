@@ -15,7 +15,10 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import launch, tiny_model, toy_rows, trainer_args, worker_env
+from helpers.data import toy_rows
+from helpers.launch import launch, worker_env
+from helpers.models import tiny_model
+from helpers.trainers import trainer_args
 
 from hf_contaccum import BiEncoder, ContAccumTrainer
 
@@ -183,7 +186,7 @@ def test_lora_towers_two_processes_equal_one_process(tmp_path, tokenizer, gradca
     torch.manual_seed(0)
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0,
                            init_lora_weights=False)
-    from conftest import tiny_bert_config
+    from helpers.models import tiny_bert_config
 
     BiEncoder.from_encoder_config(tiny_bert_config(), shared=False, peft_config=lora).save_pretrained(init)
     overrides = {"gradcache_chunk_size": gradcache_chunk_size, "save_strategy": "no"}

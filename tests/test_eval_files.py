@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from hf_contaccum.eval_files import read_corpus, read_qrels, read_queries
+from hf_contaccum.data.files import read_corpus, read_qrels, read_queries
 from hf_contaccum.evaluation import RETRIEVAL_METRICS, compute_metrics, rank_run
 
 

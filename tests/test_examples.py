@@ -8,7 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_model, toy_rows, trainer_args
+from helpers.data import toy_rows
+from helpers.models import make_tokenizer, tiny_model
+from helpers.trainers import trainer_args
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
@@ -24,7 +26,7 @@ def _load(name):
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A tiny BERT with its tokenizer saved as an ordinary encoder checkpoint."""
-    from conftest import tiny_bert_config
+    from helpers.models import tiny_bert_config
     from transformers import BertModel
 
     path = tmp_path / "tiny-bert"
@@ -70,7 +72,7 @@ def test_run_msmarco_trains_end_to_end_on_local_files(tmp_path, tiny_checkpoint)
 
 
 def test_cli_trains_a_lora_decoder_with_prompts(tmp_path):
-    from conftest import make_decoder_tokenizer, saved_base_model, tiny_decoder_config
+    from helpers.models import make_decoder_tokenizer, saved_base_model, tiny_decoder_config
 
     from hf_contaccum import BiEncoder
 
@@ -141,7 +143,7 @@ def test_readme_usage_snippet_runs_as_written(tmp_path, monkeypatch, section_sta
     import re
     import types
 
-    from conftest import tiny_bert_config
+    from helpers.models import tiny_bert_config
     from transformers import BertModel
 
     tiny_checkpoint = tmp_path / "tiny-bert-512"

@@ -3,8 +3,9 @@ import copy
 
 import pytest
 import torch
-from conftest import on_device, tiny_model, trainer_args
-from reference import chunked_reference_grads, naive_contaccum_loss
+from helpers.models import tiny_model
+from helpers.trainers import on_device, trainer_args
+from helpers.references import chunked_reference_grads, naive_contaccum_loss
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 

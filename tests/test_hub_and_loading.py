@@ -5,7 +5,8 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import tiny_model, trainer_args
+from helpers.models import tiny_model
+from helpers.trainers import trainer_args
 from huggingface_hub import HfApi
 
 from hf_contaccum import BiEncoder, ContAccumTrainer

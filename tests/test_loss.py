@@ -6,20 +6,20 @@ from functools import partial
 
 import pytest
 import torch
-from reference import naive_contaccum_loss
+from helpers.references import naive_contaccum_loss
+from helpers.syncs import RecordSyncingOps
 
-from hf_contaccum.loss import ContAccumLoss
+from hf_contaccum.core.loss import ContAccumLoss
 
 
 @pytest.mark.parametrize("bank_hn", [False, True])
 @pytest.mark.parametrize("mask", [False, True])
 @pytest.mark.parametrize("similarity", ["dot", "cos"])
-@pytest.mark.parametrize("bank_weight", [1.0, 0.3])
-def test_gradients_match_naive_equations(bank_hn, mask, similarity, bank_weight):
+def test_gradients_match_naive_equations(bank_hn, mask, similarity, small_chunks):
     torch.manual_seed(0)
     d, n, H, m, tau = 16, 4, 2, 10, 0.5
-    loss_fn = ContAccumLoss(m, tau, similarity, bank_hard_negatives=bank_hn, mask_false_negatives=mask,
-                            bank_chunk_size=3, bank_weight=bank_weight)  # chunk does not divide m: edge chunks
+    small_chunks(3)  # chunks of 3 do not divide m: edge chunks
+    loss_fn = ContAccumLoss(m, tau, similarity, bank_hard_negatives=bank_hn, mask_false_negatives=mask)
     for step in range(7):  # fills, wraps around twice
         q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
         hn = torch.randn(n, H, d, requires_grad=True)
@@ -40,8 +40,7 @@ def test_gradients_match_naive_equations(bank_hn, mask, similarity, bank_weight)
         grads = torch.autograd.grad(loss, [q, p, hn])
         assert bank.num_enqueued == (step + 1) * n  # enqueued by the backward, after it read the bank
         keys = {"p": pk, "hn": hk, "bp": bpk, "bhn": bhk} if mask else None
-        ref = naive_contaccum_loss(q, p, hn, bq, bp, bh, tau, keys=keys, cos=similarity == "cos",
-                                   bank_weight=bank_weight)
+        ref = naive_contaccum_loss(q, p, hn, bq, bp, bh, tau, keys=keys, cos=similarity == "cos")
         ref_grads = torch.autograd.grad(ref, [q, p, hn])
         assert torch.allclose(loss, ref, atol=1e-5, rtol=1e-5), (step, loss, ref)
         for g, r in zip(grads, ref_grads):
@@ -50,12 +49,14 @@ def test_gradients_match_naive_equations(bank_hn, mask, similarity, bank_weight)
     assert bank.fill == m
 
 
-def test_passage_bank_only_and_smaller_query_bank():
+def test_passage_bank_only_and_smaller_query_bank(small_chunks):
     """Pre-batch negatives (query bank 0) and query bank < passage bank: banked rows are the newest."""
     torch.manual_seed(1)
     d, n = 8, 3
+    small_chunks(4)
     for mq, mp in [(0, 9), (4, 9)]:
-        loss_fn = ContAccumLoss(mp, query_bank_size=mq, bank_chunk_size=4, mask_false_negatives=False)
+        with pytest.warns(UserWarning, match="banked passages are negatives without their queries"):
+            loss_fn = ContAccumLoss(mp, query_memory_bank_size=mq, mask_false_negatives=False)
         for step in range(5):
             q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
             keys = torch.arange(step * n, step * n + n)
@@ -94,11 +95,11 @@ def test_fp16_inputs_compute_in_fp32():
 
 def test_bad_configuration_errors():
     with pytest.raises(ValueError, match="must be >= 0"):
-        ContAccumLoss(4, query_bank_size=-1)
-    with pytest.raises(ValueError, match="passage bank at least as large"):
-        ContAccumLoss(4, query_bank_size=8)
+        ContAccumLoss(4, query_memory_bank_size=-1)
+    with pytest.raises(ValueError, match="memory_bank_size at least as large"):
+        ContAccumLoss(4, query_memory_bank_size=8)
     with pytest.warns(UserWarning, match="4 banked passages are negatives without their queries"):
-        ContAccumLoss(8, query_bank_size=4)  # allowed, as an ablation (0: pre-batch negatives), with the measurement
+        ContAccumLoss(8, query_memory_bank_size=4)  # allowed, as an ablation (0: pre-batch negatives)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ContAccumLoss(8), ContAccumLoss(0)  # equal banks, or none: nothing to warn about
@@ -152,26 +153,27 @@ def test_grad_norm_ratio_is_taken_at_the_compared_unit_vectors():
 
 
 @pytest.mark.parametrize("similarity", ["dot", "cos"])
-def test_drift_probe_moves_every_banked_vector_and_the_loss_reads_them_moved(similarity):
-    """correct_drift adds the change of the probe's mean query (passage) vector to every banked query (passage, hard
-    negative), back onto the sphere for cosine; the next micro-batch's loss and gradients then equal the naive
+def test_drift_probe_moves_every_banked_vector_and_the_loss_reads_them_moved(similarity, small_chunks):
+    """The drift probe adds the change of the probe's mean query (passage) vector to every banked query (passage,
+    hard negative), back onto the sphere for cosine; the next micro-batch's loss and gradients then equal the naive
     equations on the moved bank (the banked rows' cached log-sum-exps were rebuilt)."""
     torch.manual_seed(3)
     d, n, H, m, tau = 16, 4, 2, 10, 0.5
-    loss_fn = ContAccumLoss(m, tau, similarity, bank_hard_negatives=True, bank_chunk_size=3)
+    small_chunks(3)
+    loss_fn = ContAccumLoss(m, tau, similarity, bank_hard_negatives=True, bank_drift_probe=3)
     unit = (lambda v: torch.nn.functional.normalize(v, dim=-1)) if similarity == "cos" else (lambda v: v)
     probe_q, probe_p, drift = torch.randn(3, d), torch.randn(3, d), torch.randn(2, d)
     encoder_step = [0]
     encode = lambda features: (probe_q + encoder_step[0] * drift[0], probe_p + encoder_step[0] * drift[1])
     tokens = {side: {"input_ids": torch.ones(5, 7, dtype=torch.long), "attention_mask": torch.ones(5, 7)}
               for side in ("query", "passage")}
-    loss_fn.keep_drift_probe(tokens, 3)
-    assert loss_fn.drift_probe["query"]["input_ids"].shape == (3, 7)
     for step in range(4):
         bank = loss_fn.bank
         before = [t[:bank.fill].clone() for t in (bank.queries, bank.passages, bank.hard_negatives)] if step else None
         encoder_step[0] = step
-        loss_fn.correct_drift(encode, torch.nn.Identity())
+        loss_fn.begin_step(step)
+        loss_fn.before_micro_batch(tokens, encode, torch.nn.Identity())  # the step's first micro-batch
+        assert loss_fn.staleness.probe["query"]["input_ids"].shape == (3, 7)
         if step:
             expected_shift = [unit(probe_q + step * drift[0]).mean(0) - unit(probe_q + (step - 1) * drift[0]).mean(0),
                               unit(probe_p + step * drift[1]).mean(0) - unit(probe_p + (step - 1) * drift[1]).mean(0)]
@@ -190,29 +192,13 @@ def test_drift_probe_moves_every_banked_vector_and_the_loss_reads_them_moved(sim
                 assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
 
 
-def test_bank_warm_up_fills_without_reading():
-    """During bank_warmup_steps the loss is plain in-batch InfoNCE, and the bank still fills."""
-    torch.manual_seed(2)
-    d, n = 8, 4
-    loss_fn, plain = ContAccumLoss(12, bank_warmup_steps=1), ContAccumLoss(0)
-    loss_fn.start_step(0)
-    for _ in range(4):
-        q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
-        keys = torch.randint(0, 100, (n,))
-        loss = loss_fn(q, p, keys)
-        loss.backward()
-        assert torch.equal(loss, plain(q, p, keys)) and loss_fn.last_stats.num_columns == n
-    assert loss_fn.bank.fill == 12
-    loss_fn.start_step(1)
-    q, p = torch.randn(n, d), torch.randn(n, d)
-    loss_fn(q.requires_grad_(), p.requires_grad_(), torch.arange(n))
-    assert loss_fn.last_stats.num_columns == n + 12
-
-
-def test_bad_bank_weight():
-    for bad in (0.0, -1.0, 1.5):
-        with pytest.raises(ValueError, match="bank_weight must be in"):
-            ContAccumLoss(8, bank_weight=bad)
+def test_retired_settings_are_refused_with_the_reason_and_renamed_ones_still_work():
+    for name, value in (("bank_weight", 0.5), ("bank_warmup_steps", 3), ("bank_chunk_size", 64)):
+        with pytest.raises(ValueError, match=f"{name} was retired in hf_contaccum 0.2.0: .*CHANGELOG"):
+            ContAccumLoss(8, **{name: value})
+    ContAccumLoss(8, bank_weight=1.0, bank_warmup_steps=0)  # their old defaults: accepted for one release
+    with pytest.warns(FutureWarning, match="query_memory_bank_size"):
+        assert ContAccumLoss(8, query_bank_size=8).query_bank_size == 8
 
 
 def test_a_non_finite_loss_raises_at_once_or_at_check_finite_when_deferred():
@@ -221,8 +207,8 @@ def test_a_non_finite_loss_raises_at_once_or_at_check_finite_when_deferred():
     with pytest.raises(FloatingPointError, match="contrastive loss is nan"):
         ContAccumLoss(8)(bad, p)
     loss_fn = ContAccumLoss(8)
-    loss_fn.defer_finite_check_to_step()  # what the trainers' callbacks do: no host sync per micro-batch
-    assert loss_fn.defer_finite_check
+    loss_fn.defer_finite_check_to_step()  # what the trainers' lifecycle does: no host sync per micro-batch
+    assert loss_fn.finite.deferred
     loss_fn(q, p).backward()
     loss_fn(bad, p).backward()  # no error yet
     loss_fn(q, p).backward()
@@ -231,45 +217,18 @@ def test_a_non_finite_loss_raises_at_once_or_at_check_finite_when_deferred():
     loss_fn.check_finite()  # the flag was consumed: the next step starts clean
 
 
-# ops that read a device value on the host, i.e. wait for the GPU (on a CPU they are recorded, not waited for)
-SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "unique", "_unique2", "unique_dim",
-               "unique_consecutive", "masked_select", "equal"}
-
-
-# torch's own package folder, not any path with a "torch" folder in it: on the GPU image every package lives
-# under /opt/torch/.venv, and transformers' frames were skipped as torch's, blaming their reads on our caller
-TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-
-
-class _RecordSyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records "<op> in <file>:<line>" for every syncing op, at the innermost frame outside torch that ran it."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in SYNCING_OPS:
-            import traceback
-
-            caller = next(f for f in reversed(traceback.extract_stack()[:-1])  # [:-1]: not this method
-                          if not f.filename.startswith(TORCH_DIR))
-            self.seen.append(f"{func.overloadpacket.__name__} in {caller.filename}:{caller.lineno}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("similarity, bank_hn, query_bank", [("cos", True, None), ("dot", False, 12)])
 def test_a_training_micro_step_makes_no_host_sync(similarity, bank_hn, query_bank):
     """Forward, backward and the enqueue with its cache refresh, with finiteness checked once per step as
     both trainers do: nothing reads a device value on the host, through bank wrap-arounds, chunk sweeps and
     (with a smaller query bank) the newest-rows path. On a GPU set_sync_debug_mode also fails on host-made
     tensors copied to the device (a slot index made on the host had cost a sync per enqueue)."""
-    from conftest import DEVICE
+    from helpers.trainers import DEVICE
 
     torch.manual_seed(0)
     n, d, h = 4, 8, 2
-    loss_fn = ContAccumLoss(20, 0.1, similarity, query_bank_size=query_bank, bank_hard_negatives=bank_hn,
-                            bank_chunk_size=6)
+    loss_fn = ContAccumLoss(20, 0.1, similarity, query_memory_bank_size=query_bank, bank_hard_negatives=bank_hn)
+    loss_fn.cache.requested_chunk_size = 6
     loss_fn.defer_finite_check_to_step()
 
     def micro_step(i):
@@ -280,7 +239,7 @@ def test_a_training_micro_step_makes_no_host_sync(similarity, bank_hn, query_ban
 
     for i in range(6):  # the bank fills and the cache is built: allocations and the first rebuild may sync
         micro_step(i)
-    recorder = _RecordSyncingOps()
+    recorder = RecordSyncingOps()
     if DEVICE.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
     try:

@@ -5,15 +5,10 @@ import os
 
 import pytest
 import torch
-from conftest import (
-    accelerate_told_the_accumulation_steps,
-    assert_trained_alike,
-    launch,
-    make_tokenizer,
-    tiny_bert_config,
-    toy_rows,
-    trainer_args,
-)
+from helpers.data import toy_rows
+from helpers.launch import launch
+from helpers.st import assert_same_grads, features, grads_of, save_encoder, st_model, tokenize
+from helpers.trainers import accelerate_told_the_accumulation_steps, assert_trained_alike, trainer_args
 
 st = pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -26,61 +21,15 @@ from hf_contaccum.sentence_transformers import (
     token_keys,
 )
 
-try:
-    from sentence_transformers.sentence_transformer.losses import (
-        CachedMultipleNegativesRankingLoss,
-        MultipleNegativesRankingLoss,
-    )
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-except ImportError:  # sentence-transformers < 6
-    from sentence_transformers.losses import (
-        CachedMultipleNegativesRankingLoss,
-        MultipleNegativesRankingLoss,
-    )
-    from sentence_transformers.models import Pooling, Transformer
+from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss,
+    MultipleNegativesRankingLoss,
+)
 
 
 @pytest.fixture
 def encoder_dir(tmp_path):
-    """A tiny BERT and a character tokenizer saved as one folder: what SentenceTransformer and BiEncoder load."""
-    from transformers import BertModel
-
-    def build(dropout=0.0, seed=0):
-        path = tmp_path / f"encoder-{dropout}-{seed}"
-        torch.manual_seed(seed)
-        BertModel(tiny_bert_config(dropout=dropout), add_pooling_layer=False).save_pretrained(path)
-        make_tokenizer(tmp_path).save_pretrained(path)
-        return str(path)
-
-    return build
-
-
-def st_model(path):
-    return SentenceTransformer(modules=[Transformer(path, max_seq_length=64), Pooling(16, pooling_mode="mean")],
-                               device="cpu")
-
-
-def tokenize(model, texts):
-    """sentence-transformers >= 6.2 calls it preprocess (tokenize is deprecated there)."""
-    return (getattr(model, "preprocess", None) or model.tokenize)(texts)
-
-
-def features(model, rows, columns):
-    return [tokenize(model, [r[c] for r in rows]) for c in columns]
-
-
-def grads_of(model, loss_fn, feats, seed=7):
-    model.zero_grad()
-    torch.manual_seed(seed)
-    loss = loss_fn([dict(f) for f in feats], None)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_same_grads(a, b):
-    assert a.keys() == b.keys() and len(a) > 10
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=2e-5, rtol=1e-4), name  # float32 summation order
+    return lambda dropout=0.0, seed=0: save_encoder(tmp_path, dropout, seed)
 
 
 @pytest.mark.parametrize("similarity, scale", [(cos_sim, 20.0), (dot_score, 1.0)])
@@ -285,7 +234,7 @@ def test_token_keys_are_the_keys_saved_banks_hold_and_make_no_copy_per_batch():
     """The keys of a fixed batch are pinned (a bank checkpointed by an earlier version holds keys made this way: other
     values would unmask duplicates after a resume), and the hash weights are made once per width and device, not
     copied from the host at every batch (on a GPU each such copy is a blocking transfer: a host sync)."""
-    from hf_contaccum.sentence_transformers import _hash_weights
+    from hf_contaccum.data.keys import _hash_weights
 
     ids = torch.randint(0, 30522, (4, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [0] * 3 + [1] * 4, [1] + [0] * 6])

@@ -5,37 +5,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    DEVICE,
-    accelerate_told_the_accumulation_steps,
-    on_device,
-    tiny_model,
-    toy_rows,
-    trainer_args,
-)
+from helpers.data import toy_rows
+from helpers.models import tiny_model
+from helpers.references import manual_contaccum, manual_gradient_accumulation
+from helpers.trainers import DEVICE, accelerate_told_the_accumulation_steps, on_device, trainer_args
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
-
-
-def _manual_gradient_accumulation(model, tokenizer, rows, n_local, k, steps, lr):
-    """Plain gradient accumulation with in-batch negatives, written without the library's loss."""
-    collate = ContrastiveCollator(tokenizer, 16, 24)
-    model.to(DEVICE).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    batches = [rows[i:i + n_local] for i in range(0, len(rows), n_local)]
-    for step in range(steps):
-        for micro in batches[step * k:(step + 1) * k]:
-            b = on_device(collate(micro))
-            out = model(query_input_ids=b["query_input_ids"], query_attention_mask=b["query_attention_mask"],
-                        query_token_type_ids=b["query_token_type_ids"], passage_input_ids=b["passage_input_ids"],
-                        passage_attention_mask=b["passage_attention_mask"],
-                        passage_token_type_ids=b["passage_token_type_ids"])
-            scores = out.query_embeddings @ out.passage_embeddings.T
-            loss = F.cross_entropy(scores, torch.arange(len(micro), device=DEVICE)) / k
-            loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -43,7 +18,7 @@ def test_no_bank_equals_plain_gradient_accumulation(tmp_path, tokenizer, toy_dat
     """memory_bank_size=0: same parameters after 3 optimizer steps as GradAccum (K=1: in-batch InfoNCE)."""
     ds = toy_dataset(n=4 * k * 3)
     model = tiny_model()
-    reference = _manual_gradient_accumulation(copy.deepcopy(model), tokenizer, list(ds), 4, k, 3, 1e-3)
+    reference = manual_gradient_accumulation(copy.deepcopy(model), tokenizer, list(ds), 4, k, 3, 1e-3)
     args = trainer_args(tmp_path, gradient_accumulation_steps=k, memory_bank_size=0, mask_false_negatives=False)
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     trainer.train()
@@ -52,70 +27,10 @@ def test_no_bank_equals_plain_gradient_accumulation(tmp_path, tokenizer, toy_dat
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def _encode_pair(model, collate, row):
-    b = on_device(collate([row]))
-    out = model(query_input_ids=b["query_input_ids"], query_attention_mask=b["query_attention_mask"],
-                passage_input_ids=b["passage_input_ids"][:1], passage_attention_mask=b["passage_attention_mask"][:1])
-    return out.query_embeddings[0], out.passage_embeddings[0]
-
-
-def _manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, num_negatives, refresh=False,
-                      drift_probe=0, cos=False):
-    """ContAccum written literally: full score matrix over [current; bank] rows and columns each micro-batch.
-    refresh: before every optimizer step, every banked pair is encoded again, one pair at a time, from its text.
-    drift_probe: before every optimizer step, the run's first `drift_probe` pairs are encoded one at a time without
-    dropout, and every banked vector moves by the change of their mean since the last step (then, with cos, back
-    onto the sphere). cos: cosine similarity (vectors normalised) instead of dot product."""
-    collate = ContrastiveCollator(tokenizer, 16, 24)
-    unit = (lambda v: F.normalize(v, dim=-1)) if cos else (lambda v: v)
-    model.to(DEVICE).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    bank_q, bank_p, bank_rows = [], [], []  # python lists of detached vectors and their rows, oldest first
-    batches = [rows[i:i + n_local] for i in range(0, len(rows), n_local)]
-    losses, last_means = [], None
-    for step in range(steps):
-        if drift_probe:
-            model.eval()
-            with torch.no_grad():
-                probe = [[unit(v) for v in _encode_pair(model, collate, row)] for row in rows[:drift_probe]]
-            model.train()
-            means = [torch.stack(vectors).mean(0) for vectors in zip(*probe)]
-            if last_means is not None:
-                bank_q = [unit(v + means[0] - last_means[0]) for v in bank_q]
-                bank_p = [unit(v + means[1] - last_means[1]) for v in bank_p]
-            last_means = means
-        if refresh and bank_rows:
-            with torch.no_grad():
-                for i, row in enumerate(bank_rows):
-                    bank_q[i], bank_p[i] = _encode_pair(model, collate, row)
-        for micro in batches[step * k:(step + 1) * k]:
-            b = on_device(collate(micro))
-            out = model(**{key: b[key] for key in b if key.endswith(("input_ids", "attention_mask", "token_type_ids"))})
-            n = len(micro)
-            q, passages = unit(out.query_embeddings), unit(out.passage_embeddings)
-            p, hn = passages[:n], passages[n:]
-            mq = torch.stack(bank_q) if bank_q else q.new_zeros(0, q.shape[1])
-            mp = torch.stack(bank_p) if bank_p else q.new_zeros(0, q.shape[1])
-            rows_ = torch.cat([q, mq])
-            cols = torch.cat([p, hn, mp])
-            targets = torch.cat([torch.arange(n), len(p) + len(hn) + torch.arange(len(mq))]).to(DEVICE)
-            loss = F.cross_entropy(rows_ @ cols.T, targets)
-            losses.append(loss.item())
-            (loss / k).backward()
-            for i in range(n):
-                bank_q.append(q[i].detach())
-                bank_p.append(p[i].detach())
-                bank_rows.append(micro[i])
-            del bank_q[:-bank_size], bank_p[:-bank_size], bank_rows[:-bank_size]
-        opt.step()
-        opt.zero_grad()
-    return model, losses
-
-
 def test_trainer_with_bank_equals_literal_contaccum(tmp_path, tokenizer, toy_dataset):
     ds = toy_dataset(n=4 * 2 * 4, num_negatives=1)
     model = tiny_model()
-    reference, ref_losses = _manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 4, 1e-3, 10, 1)
+    reference, ref_losses = manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 4, 1e-3, 10, 1)
     args = trainer_args(tmp_path, gradient_accumulation_steps=2, max_steps=4, memory_bank_size=10,
                         mask_false_negatives=False, bank_chunk_size=3)
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
@@ -144,9 +59,9 @@ def test_bank_refresh_equals_literal_contaccum_re_encoding_the_bank(tmp_path, to
     `embed`, so one_tower_call encodes the banked queries and passages in one call too)."""
     ds = toy_dataset(n=4 * 2 * 5)
     model = tiny_model()
-    reference, ref_losses = _manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 5, 1e-2, 12, 0,
+    reference, ref_losses = manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 5, 1e-2, 12, 0,
                                               refresh=True)
-    stale, _ = _manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 5, 1e-2, 12, 0)
+    stale, _ = manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 5, 1e-2, 12, 0)
     args = trainer_args(tmp_path, gradient_accumulation_steps=2, max_steps=5, memory_bank_size=12,
                         mask_false_negatives=False, learning_rate=1e-2, bank_refresh_steps=1,
                         one_tower_call=one_tower_call)
@@ -203,8 +118,8 @@ def test_bank_drift_probe_equals_literal_contaccum_moving_the_bank(tmp_path, tok
     ds = toy_dataset(n=4 * 2 * 5)
     model = tiny_model()
     common = (tokenizer, list(ds), 4, 2, 5, 1e-2, 12, 0)
-    reference, ref_losses = _manual_contaccum(copy.deepcopy(model), *common, drift_probe=3, cos=similarity == "cos")
-    stale, _ = _manual_contaccum(copy.deepcopy(model), *common, cos=similarity == "cos")
+    reference, ref_losses = manual_contaccum(copy.deepcopy(model), *common, drift_probe=3, cos=similarity == "cos")
+    stale, _ = manual_contaccum(copy.deepcopy(model), *common, cos=similarity == "cos")
     args = trainer_args(tmp_path, gradient_accumulation_steps=2, max_steps=5, memory_bank_size=12,
                         mask_false_negatives=False, learning_rate=1e-2, bank_drift_probe=3, similarity=similarity)
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
@@ -524,7 +439,7 @@ def test_memory_bank_size_auto_is_the_pairs_of_one_optimizer_step(tmp_path):
 
 
 def test_tokenised_once_gives_the_same_batches_and_training(tmp_path, tokenizer, toy_dataset):
-    from hf_contaccum.data import tokenize_once
+    from hf_contaccum.data.collator import tokenize_once
 
     ds = toy_dataset(12, num_negatives=2)
     collate = ContrastiveCollator(tokenizer, 16, 24, max_hard_negatives=2)
@@ -591,7 +506,7 @@ def test_one_tower_call_trains_like_two(tmp_path, tokenizer, toy_dataset, gradca
 def test_one_tower_call_keeps_every_texts_embedding(tokenizer):
     """Masked positions appended at the end change no embedding, whatever the pooling (and for decoders, see
     test_adapters_decoders_prompts)."""
-    from hf_contaccum.model import _stack_padded
+    from hf_contaccum.model.towers import stack_padded as _stack_padded
 
     for pooling in ("mean", "cls", "last"):
         model = tiny_model(pooling=pooling).eval()
@@ -619,7 +534,7 @@ def test_a_trainer_micro_step_reads_nothing_from_the_device_in_our_code(tmp_path
     no op in this library reads a device value on the host. (transformers' SDPA mask check reads one per tower
     call when the batch has padding: its own, outside this library; one_tower_call makes it one per micro-step.)"""
     from datasets import Dataset
-    from test_loss import _RecordSyncingOps
+    from helpers.syncs import RecordSyncingOps
 
     import hf_contaccum
 
@@ -633,7 +548,7 @@ def test_a_trainer_micro_step_reads_nothing_from_the_device_in_our_code(tmp_path
     batches = [trainer._prepare_inputs(trainer.data_collator(toy_rows(4, 1, seed=s))) for s in range(10)]
     for batch in batches[:4]:  # the bank fills, its cache is built
         trainer.training_step(trainer.model, batch)
-    recorder = _RecordSyncingOps()
+    recorder = RecordSyncingOps()
     with recorder:
         for batch in batches[4:]:
             trainer.training_step(trainer.model, batch)

@@ -4,11 +4,13 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_model, toy_rows, trainer_args
+from helpers.data import toy_rows
+from helpers.models import tiny_model
+from helpers.trainers import trainer_args
 
 from hf_contaccum import ContAccumTrainer
-from hf_contaccum.bank import MemoryBank
-from hf_contaccum.validation import check_dataset
+from hf_contaccum.core.bank import MemoryBank
+from hf_contaccum.data.validation import check_dataset
 
 
 def _jsonl_dataset(tmp_path, rows):
@@ -52,7 +54,7 @@ def test_list_column_and_types(tmp_path):
 def test_row_indices_across_batches_and_list_input(monkeypatch):
     from datasets import Dataset
 
-    from hf_contaccum import validation
+    from hf_contaccum.data import validation
 
     monkeypatch.setattr(validation, "BATCH_ROWS", 7)  # several Arrow batches
     rows = toy_rows(40)
