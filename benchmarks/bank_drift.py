@@ -31,9 +31,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import device, write_result
-from quality import MAX_LENGTHS, build_model, load_task
+from benchmarks.harness import device, write_result
+from benchmarks.quality import MAX_LENGTHS, build_model
+from benchmarks.tasks import load_task
 
 AGES = (1, 2, 4, 8, 16)
 

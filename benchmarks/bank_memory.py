@@ -61,7 +61,7 @@ def measure(size: int, d: int = 768, n: int = 8, steps: int | None = None, bf16:
         return F.normalize(q, dim=-1), F.normalize(p, dim=-1), keys, F.normalize(h, dim=-1), keys[:, None] + 10**9
 
     loss_fn(*inputs(0)).backward()  # the cache is built; every later micro-step pays only its update
-    chunk = getattr(loss_fn.bank_lse, "chunk_size", None) or 16
+    chunk = getattr(loss_fn.cache, "chunk_size", None) or 16
     steps = steps or chunk // n + 2
     seconds, forward_peak, backward_peak = [], 0, 0
     for step in range(1, steps + 1):
@@ -77,8 +77,8 @@ def measure(size: int, d: int = 768, n: int = 8, steps: int | None = None, bf16:
         del loss, x
     mib = 2**20
     return {"memory_bank_size": size, "d": d, "bf16_autocast": bf16, "vectors_mib": 2 * size * d * 4 / mib,
-            "cache_mib": loss_fn.bank_lse.nbytes() / mib, "chunk_size": chunk,
-            "granule": getattr(loss_fn.bank_lse, "granule", None), "micro_steps": steps,
+            "cache_mib": loss_fn.cache.nbytes() / mib, "chunk_size": chunk,
+            "granule": getattr(loss_fn.cache, "granule", None), "micro_steps": steps,
             "forward_temporaries_mib": forward_peak / mib, "backward_and_enqueue_temporaries_mib": backward_peak / mib,
             "backward_and_enqueue_seconds_mean": sum(seconds) / steps,
             "backward_and_enqueue_seconds_max": max(seconds)}

@@ -19,8 +19,7 @@ from hf_contaccum import BiEncoder
 from hf_contaccum.quickstart import default_encoder_path
 from hf_contaccum.data.sample import load_wordnet_sample
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from debian_packages import load_debian_packages
+from benchmarks.tasks import load_debian_packages
 
 SAMPLE = 4000
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "confusable_negatives.json")

@@ -35,8 +35,7 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gpu_paper
+from benchmarks import gpu_paper
 
 from hf_contaccum import BiEncoder, ContAccumLoss
 

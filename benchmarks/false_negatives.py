@@ -15,8 +15,7 @@ import os
 import sys
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import write_result
+from benchmarks.harness import write_result
 
 COLUMNS = {"N_mem = N_total = 128": 8 + 128, "N_mem = 512": 8 + 512, "full batch 128": 128}
 

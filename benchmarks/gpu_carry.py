@@ -25,22 +25,6 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-
-def save_task(path: str, task) -> None:
-    train, queries, corpus, qrels = task
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        json.dump({"train": train.to_dict(), "queries": queries, "corpus": corpus, "qrels": qrels}, f)
-
-
-def load_task_file(path: str):
-    """(train Dataset, queries, corpus, qrels) as saved by save_task."""
-    from datasets import Dataset
-
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        saved = json.load(f)
-    return Dataset.from_dict(saved["train"]), saved["queries"], saved["corpus"], saved["qrels"]
 
 
 def download(folder: str, *requirements: str) -> None:
@@ -61,7 +45,7 @@ def main():
     parser.add_argument("--eval_queries", type=int, default=500)
     parser.add_argument("--corpus_size", type=int, default=3000)
     args = parser.parse_args()
-    from quality import load_task
+    from benchmarks.tasks import load_task, save_task
     from safetensors.torch import load_file, save_file
 
     from hf_contaccum.quickstart import default_encoder_path

@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 
-from _harness import device_name
+from benchmarks.harness import device_name, module_command, module_env
 from transformers import TrainerCallback
 
 METHODS = ["gradaccum", "contaccum-1024", "contaccum-8192", "contaccum-65536", "gradcache", "hybrid", "full",
@@ -185,7 +185,7 @@ def prefill_bank(loss, dim: int, device) -> None:
     no real passage has (banked hard negatives too, where the loss keeps them)."""
     import torch
 
-    size = loss.bank.capacity
+    size = loss.bank.size
     fill = torch.nn.functional.normalize(torch.randn(size, dim, device=device), dim=-1)
     keys = torch.arange(size, device=device) - 10**12
     hard = (fill[:, None], (keys - size)[:, None]) if loss.bank.keep_hard_negatives else ()
@@ -196,7 +196,7 @@ def bank_mib(loss) -> float:
     """What the bank holds on the device: its vectors and keys, and the log-sum-exp cache."""
     bank = loss.bank
     tensors = [bank.queries, bank.passages, bank.passage_keys, bank.hard_negatives, bank.hard_negative_keys]
-    return (sum(t.numel() * t.element_size() for t in tensors if t is not None) + loss.bank_lse.nbytes()) / 2**20
+    return (sum(t.numel() * t.element_size() for t in tensors if t is not None) + loss.cache.nbytes()) / 2**20
 
 
 # which of torch's attention kernels SDPA may pick (on CUDA): the profile of session 16 on an H200 found cuDNN's
@@ -353,13 +353,13 @@ def main(argv=None):
     results, start = [], time.time()
     encoder = encoder_folder(args.tiny)  # once: every method trains the same model from the same weights
     for method in args.methods.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--n_total", str(args.n_total),
+        cmd = [*module_command(__file__), "--one", method, "--n_total", str(args.n_total),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--encoder", encoder] + (
                    ["--tiny"] if args.tiny else []) + (["--profile", args.profile] if args.profile else []) + [
                    "--trainer_args", args.trainer_args, "--attention", args.attention]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.method_timeout,
-                                  env=dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"))
+                                  env=module_env(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"))
             lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             result = json.loads(lines[-1]) if lines else {"method": method, "failed": proc.stderr[-2000:]}
         except subprocess.TimeoutExpired:

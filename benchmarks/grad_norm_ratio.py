@@ -23,9 +23,9 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import device
-from quality import MAX_LENGTHS, load_task
+from benchmarks.harness import device
+from benchmarks.quality import MAX_LENGTHS
+from benchmarks.tasks import load_task
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = {  # name: (query bank, passage bank)

@@ -27,8 +27,7 @@ from transformers import TrainerCallback
 
 import hf_contaccum
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gpu_paper
+from benchmarks import gpu_paper
 
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "lift_fresh", "_local_scalar_dense"}  # allocate, or read
 # the package's own folder, not any path with "hf_contaccum" in it: a checkout cloned as hf_contaccum/ holds .ci-venv
@@ -46,7 +45,7 @@ def dispatcher(frame) -> str:
             return "backward"
         if f"{os.sep}torch{os.sep}" not in path and not path.endswith("launch_count.py"):
             if path.startswith(LIBRARY):
-                return "hf_contaccum/" + os.path.basename(path)
+                return "hf_contaccum/" + os.path.relpath(path, LIBRARY).replace(os.sep, "/")
             in_transformers = f"{os.sep}transformers{os.sep}" in path
             return "encoder" if in_transformers and not os.path.basename(path).startswith("trainer") else \
                 "optimizer, Trainer"

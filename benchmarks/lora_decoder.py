@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.harness import module_command, module_env
+
 RUNS = [("minilm", "full"), ("minilm", "lora"), ("llama-decoder", "full"), ("llama-decoder", "lora")]
 
 
@@ -110,10 +112,10 @@ def main(argv=None):
         return
     results = []
     for model_name, mode in RUNS:
-        cmd = [sys.executable, __file__, "--one", model_name, mode, "--steps", str(args.steps), "--n_local",
+        cmd = [*module_command(__file__), "--one", model_name, mode, "--steps", str(args.steps), "--n_local",
                str(args.n_local), "--k", str(args.k), "--bank", str(args.bank)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                              env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+                              env=module_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
         result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
         results.append(result)
         print(json.dumps(result))

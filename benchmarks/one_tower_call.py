@@ -17,7 +17,7 @@ import platform
 import statistics
 
 import torch
-from _harness import device, timed, write_result
+from benchmarks.harness import device, timed, write_result
 
 
 def build_model(encoder: str):
@@ -53,7 +53,7 @@ def main():
                         help="default benchmarks/results/one_tower_call_<encoder>[_<task>].json")
     args = parser.parse_args()
 
-    from quality import load_task
+    from benchmarks.tasks import load_task
 
     from hf_contaccum import ContAccumTrainer, ContAccumTrainingArguments
 

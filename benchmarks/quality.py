@@ -27,8 +27,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import device, device_name
+from benchmarks.harness import device, device_name
+from benchmarks.tasks import load_task
 
 N_LOCAL = 8
 
@@ -78,25 +78,6 @@ def build_model(encoder: str = "minilm"):
     return model
 
 
-def load_task(task, eval_queries, corpus_size):
-    carried = os.path.join(os.environ.get("CONTACCUM_BENCH_TASKS", ""), f"{task}.json.gz")
-    if os.environ.get("CONTACCUM_BENCH_TASKS") and os.path.exists(carried):  # built on another machine
-        from gpu_carry import load_task_file
-
-        return load_task_file(carried)
-    if task == "code":
-        from code_search import load_code_search
-
-        return load_code_search(max_eval_queries=eval_queries, max_corpus=corpus_size)
-    if task == "debian":
-        from debian_packages import load_debian_packages
-
-        return load_debian_packages(max_eval_queries=eval_queries, max_corpus=corpus_size)
-    from hf_contaccum.data.sample import load_wordnet_sample
-
-    return load_wordnet_sample(max_eval_queries=eval_queries, max_corpus=corpus_size)
-
-
 def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output_dir, max_lengths, encoder="minilm"):
     from hf_contaccum import ContAccumTrainer, ContAccumTrainingArguments
 
@@ -107,7 +88,7 @@ def train_and_evaluate(method, layout, seed, steps, evaluator, train, lr, output
     args = ContAccumTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=k,
         max_steps=steps, learning_rate=lr, warmup_steps=0.1, max_grad_norm=2.0, seed=seed, data_seed=seed,
-        memory_bank_size=pbank, query_memory_bank_size=qbank, passage_memory_bank_size=pbank,
+        memory_bank_size=pbank, query_memory_bank_size=qbank,
         gradcache_chunk_size=chunk, temperature=0.05, query_max_length=max_lengths[0], passage_max_length=max_lengths[1],
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=device() == "cpu", disable_tqdm=True,
         **more)

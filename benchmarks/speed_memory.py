@@ -27,8 +27,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (
+from benchmarks.harness import (
     device,
     load_model_and_pairs,
     median_of,

@@ -31,7 +31,7 @@ def build_losses(model, bank, chunk):
         MultipleNegativesRankingLoss,
     )
 
-    from hf_contaccum.sentence_transformers import ContAccumLoss
+    from hf_contaccum.sentence_transformers import ContAccumMultipleNegativesRankingLoss as ContAccumLoss
 
     return {
         "MNRL": MultipleNegativesRankingLoss(model),
@@ -76,9 +76,9 @@ def main():
     losses = build_losses(model, args.memory_bank_size, args.mini_batch_size)
     dim = model.encode(["dimension probe"]).shape[1]  # (the method that says it was renamed in v6)
     for name, loss in losses.items():  # fill the banks: the cost does not depend on the vectors' values
-        if getattr(loss, "contaccum", None) is not None and loss.contaccum.memory_bank_size:
+        if hasattr(loss, "bank_for") and loss.bank_for(dim).memory_bank_size:
             fill = F.normalize(torch.randn(args.memory_bank_size, dim, device=model.device), dim=-1)
-            loss.contaccum.enqueue(fill, fill, torch.arange(args.memory_bank_size, device=model.device) - 10**9)
+            loss.bank_for(dim).enqueue(fill, fill, torch.arange(args.memory_bank_size, device=model.device) - 10**9)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -137,10 +137,10 @@ def loss_only_ms(losses, batch_size, dim, device, repeats=200):
     keys = torch.arange(batch_size, device=device)
     calls = {
         "MNRL": lambda: losses["MNRL"].compute_loss_from_embeddings([anchors, positives], None),
-        "ContAccum N_mem 0": lambda: losses["ContAccum N_mem 0"].contaccum(anchors, positives, keys),
+        "ContAccum N_mem 0": lambda: losses["ContAccum N_mem 0"].bank_for(dim)(anchors, positives, keys),
     }
     banked = next(n for n in losses if n.startswith("ContAccum N_mem") and n != "ContAccum N_mem 0" and "+" not in n)
-    calls[banked] = lambda: losses[banked].contaccum(anchors, positives, keys)
+    calls[banked] = lambda: losses[banked].bank_for(dim)(anchors, positives, keys)
     result = {}
     for name, call in calls.items():
         samples = []

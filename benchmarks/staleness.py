@@ -25,16 +25,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import (
-    MAX_LENGTHS,
-    N_LOCAL,
-    build_model,
-    load_runs,
-    load_task,
-    save,
-    train_and_evaluate,
-)
+from benchmarks.quality import MAX_LENGTHS, N_LOCAL, build_model, load_runs, save, train_and_evaluate
+from benchmarks.tasks import load_task
 
 
 def methods(n_total: int, factor: int, steps: int) -> dict:
@@ -46,8 +38,7 @@ def methods(n_total: int, factor: int, steps: int) -> dict:
         "full": (n_total, 1, 0, 0, None, 1),  # one batch of N_total (the memory GradCache saves; dropout differs)
         f"contaccum-{n_total}": (N_LOCAL, k, n_total, n_total, None, 1),
         f"contaccum-{big}": (N_LOCAL, k, big, big, None, 1),
-        f"contaccum-{big}-weight-{n_total / big:g}": (*contaccum[:2], big, big, None, 1, {"bank_weight": n_total / big}),
-        f"contaccum-{big}-warmup-{steps // 5}": (*contaccum[:2], big, big, None, 1, {"bank_warmup_steps": steps // 5}),
+        # (bank_weight and bank_warmup_steps were measured here too, and retired in 0.2.0: CHANGELOG.md)
         # the whole bank encoded again before every step: a bank without staleness, for 2 x N_mem more forward
         # passes a step (the N_total 32 runs of 2026-11-26 used a first, benchmark-only version of the same
         # computation: blocks of 64 texts padded by the tokenizer instead of 256 cut from the kept tokens)

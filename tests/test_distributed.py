@@ -12,10 +12,10 @@ from helpers.trainers import trainer_args
 
 from hf_contaccum import ContAccumTrainer
 
-WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
-CONFIG = {"rows": 48, "negatives": 1, "args": {
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "dist_worker.py")
+CONFIG = {"rows": 48, "negatives": 1, "bank_chunk_size": 3, "args": {  # small cache chunks: every edge case
     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 4, "memory_bank_size": 10,
-    "bank_hard_negatives": True, "bank_chunk_size": 3, "mask_false_negatives": True}}
+    "bank_hard_negatives": True, "mask_false_negatives": True}}
 
 
 def _launch(tmp_path, config, launcher="torchrun", timeout=240):
@@ -29,13 +29,14 @@ def _launch(tmp_path, config, launcher="torchrun", timeout=240):
 
 
 @pytest.mark.parametrize("gradcache_chunk_size", [None, 1])
-def test_two_processes_equal_one_process_on_global_batch(tmp_path, tokenizer, gradcache_chunk_size):
+def test_two_processes_equal_one_process_on_global_batch(tmp_path, tokenizer, gradcache_chunk_size, small_chunks):
     """Plain and with GradCache (the hybrid: chunks replayed from a backward hook, only the last
     one synchronising DDP's gradients)."""
     from datasets import Dataset
 
     config = dict(CONFIG, args=dict(CONFIG["args"], gradcache_chunk_size=gradcache_chunk_size))
     result, params = _launch(tmp_path, config)
+    small_chunks(CONFIG["bank_chunk_size"])
     # identical global bank on both ranks
     assert result["checksums"][0] == result["checksums"][1]
     # one process, local batch 2 x 2: accelerate hands rank r the r-th of each pair of batches,
@@ -62,7 +63,7 @@ def test_two_processes_equal_one_process_on_global_batch(tmp_path, tokenizer, gr
     assert result["checksums"][0][0] == pytest.approx(float(bank.queries.double().sum()), abs=1e-6 * magnitude)
 
 
-def test_two_processes_refreshing_one_global_bank_equal_one_process(tmp_path, tokenizer):
+def test_two_processes_refreshing_one_global_bank_equal_one_process(tmp_path, tokenizer, small_chunks):
     """bank_refresh_steps with a global bank: each process keeps every pair's tokens (gathered, of unequal
     widths) and encodes its share of the bank, in blocks of 4 rows: a bank of 11 (fill 4, 8, 11) gives shares
     of 6, so the second process's last block (rows 10-11) runs past the end: it encodes rows 9-10 and keeps
@@ -72,6 +73,7 @@ def test_two_processes_refreshing_one_global_bank_equal_one_process(tmp_path, to
     args = dict(CONFIG["args"], memory_bank_size=11, bank_hard_negatives=False, bank_refresh_steps=1, max_steps=5,
                 optim="sgd", learning_rate=0.5)  # SGD: parameters move by the gradient itself, not Adam's sign of round-off
     result, params = _launch(tmp_path, dict(CONFIG, args=args, refresh_block=4))
+    small_chunks(CONFIG["bank_chunk_size"])
     assert result["checksums"][0] == result["checksums"][1]  # refreshed alike on both ranks
 
     def one_process(name, **overrides):
@@ -93,7 +95,7 @@ def test_two_processes_refreshing_one_global_bank_equal_one_process(tmp_path, to
     assert one_process("stale", bank_refresh_steps=0)[1] != pytest.approx(result["losses"], rel=1e-5)
 
 
-def test_two_processes_moving_one_global_bank_by_the_drift_probe_equal_one_process(tmp_path, tokenizer):
+def test_two_processes_moving_one_global_bank_by_the_drift_probe_equal_one_process(tmp_path, tokenizer, small_chunks):
     """bank_drift_probe with a global bank: each process encodes its own probe (its first 2 pairs) and the means
     are averaged, so both move the bank alike, as one process with the union of the probes (its first 4 pairs,
     the same rows) does."""
@@ -102,6 +104,7 @@ def test_two_processes_moving_one_global_bank_by_the_drift_probe_equal_one_proce
     args = dict(CONFIG["args"], bank_hard_negatives=False, bank_drift_probe=2, max_steps=5, optim="sgd",
                 learning_rate=0.5, similarity="cos", temperature=0.1)
     result, params = _launch(tmp_path, dict(CONFIG, args=args))
+    small_chunks(CONFIG["bank_chunk_size"])
     assert result["checksums"][0] == result["checksums"][1]  # moved alike on both ranks
 
     def one_process(name, probe):

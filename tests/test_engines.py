@@ -22,7 +22,7 @@ from helpers.trainers import trainer_args
 
 from hf_contaccum import BiEncoder, ContAccumTrainer
 
-WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "dist_worker.py")
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "accelerate_configs")
 ENGINES = {"ddp": ("cpu_2proc.yaml", None), "deepspeed_zero2": ("deepspeed_zero2.yaml", "deepspeed"),
            "deepspeed_zero3": ("deepspeed_zero3.yaml", "deepspeed"), "fsdp2": ("fsdp.yaml", "fsdp")}

@@ -62,10 +62,25 @@ def test_push_to_hub_at_end_with_model_card(tmp_path, tokenizer, toy_dataset, mo
     card = final["readme"]
     for expected in ("library_name: hf_contaccum", "base_model: tiny-bert", "- toy-pairs", "## ContAccum training",
                      "| N_local (per-device micro-batch) | 4 |", "| K (accumulation steps) | 2 |",
-                     "| N_total (pairs per optimizer step) | 8 |", "| N_mem (query bank / passage bank) | 8 / 8 |",
-                     "GradNormRatio", "BiEncoder.from_pretrained(\"someone/tiny-contaccum\")",
+                     "| N_total (pairs per optimizer step) | 8 |",
+                     "| memory_bank_size (query bank / passage bank) | 8 / 8 |", "GradNormRatio (gradient norm", "BiEncoder.from_pretrained(\"someone/tiny-contaccum\")",
                      "@inproceedings{kim2024contaccum", "@inproceedings{gao2021gradcache", "- transformers:"):
         assert expected in card, expected
+    # a shared tower has no tower ratio: the card shows the measured GradNormRatio and never says it was not
+    assert "not measured" not in card
+
+
+def test_card_metrics_in_cut_off_order(tmp_path, tokenizer, toy_dataset):
+    from hf_contaccum.model.card import build_model_card
+
+    trainer = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path, max_steps=1),
+                               train_dataset=toy_dataset(8), processing_class=tokenizer)
+    trainer.train()
+    trainer.state.log_history.append({"eval_ndcg@100": 0.4, "eval_ndcg@1": 0.1, "eval_ndcg@20": 0.3,
+                                      "eval_ndcg@10": 0.2, "step": 1})
+    card = build_model_card(trainer)
+    rows = [line for line in card.splitlines() if line.startswith("| ndcg@")]
+    assert rows == ["| ndcg@1 | 0.1000 |", "| ndcg@10 | 0.2000 |", "| ndcg@20 | 0.3000 |", "| ndcg@100 | 0.4000 |"]
 
 
 def test_hub_strategy_checkpoint_pushes_bank_only_in_last_checkpoint(tmp_path, tokenizer, toy_dataset, mocked_hub):

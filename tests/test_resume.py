@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import torch
-from test_distributed import CONFIG, _launch
+from test_distributed import CONFIG, _launch  # noqa: F401  (a test module imports another: see helpers)
 
-WORKER = os.path.join(os.path.dirname(__file__), "resume_worker.py")
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "resume_worker.py")
 
 
 def _run(out, kill_at=-1, resume=""):

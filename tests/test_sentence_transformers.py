@@ -1,5 +1,5 @@
-"""hf_contaccum.sentence_transformers.ContAccumLoss against sentence-transformers' own losses,
-ContAccumTrainer, and itself resumed; the bank in checkpoints, never in the model."""
+"""hf_contaccum's sentence-transformers loss against sentence-transformers' own losses, ContAccumTrainer, and
+itself resumed; the bank in checkpoints, never in the model; the lifecycle without a callback."""
 import copy
 import os
 
@@ -15,11 +15,14 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.util import cos_sim, dot_score, manhattan_sim
 
 from hf_contaccum import BiEncoder, ContAccumTrainer
+from hf_contaccum.data.keys import token_keys
 from hf_contaccum.sentence_transformers import (
+    CachedContAccumMultipleNegativesRankingLoss,
     ContAccumBankCallback,
-    ContAccumLoss,
-    token_keys,
+    ContAccumMultipleNegativesRankingLoss,
 )
+
+ContAccumLoss = ContAccumMultipleNegativesRankingLoss
 
 from sentence_transformers.sentence_transformer.losses import (
     CachedMultipleNegativesRankingLoss,
@@ -76,20 +79,20 @@ def _st_args(tmp_path, **overrides):
     return SentenceTransformerTrainingArguments(**values)
 
 
-def test_training_with_a_bank_equals_contaccum_trainer(tmp_path, encoder_dir):
+def test_training_with_a_bank_equals_contaccum_trainer(tmp_path, encoder_dir, small_chunks):
     from datasets import Dataset
 
     path = encoder_dir()
     rows = toy_rows(4 * 2 * 3, num_negatives=1)
     data = Dataset.from_list(rows)
     model = st_model(path)
-    loss = ContAccumLoss(model, memory_bank_size=10, scale=20.0, bank_hard_negatives=True, bank_chunk_size=3)
-    trainer = SentenceTransformerTrainer(model=model, args=_st_args(tmp_path / "st"), train_dataset=data, loss=loss,
-                                         callbacks=[ContAccumBankCallback(loss)])
+    small_chunks(3)
+    loss = ContAccumLoss(model, memory_bank_size=10, scale=20.0, bank_hard_negatives=True)
+    trainer = SentenceTransformerTrainer(model=model, args=_st_args(tmp_path / "st"), train_dataset=data, loss=loss)
     trainer.train()
 
     reference = BiEncoder.from_encoder(path, shared=True, pooling="mean")
-    args = trainer_args(tmp_path / "ours", memory_bank_size=10, bank_hard_negatives=True, bank_chunk_size=3,
+    args = trainer_args(tmp_path / "ours", memory_bank_size=10, bank_hard_negatives=True,
                         use_cpu=True, similarity="cos", temperature=0.05, query_max_length=64, passage_max_length=64)
     ours = ContAccumTrainer(model=reference, args=args, train_dataset=data, processing_class=reference.tokenizer)
     ours.train()
@@ -105,21 +108,22 @@ def test_training_with_a_bank_equals_contaccum_trainer(tmp_path, encoder_dir):
 
 
 @pytest.mark.parametrize("control", [{"bank_refresh_steps": 1}, {"bank_drift_probe": 3}])
-def test_bank_refresh_and_drift_probe_equal_contaccum_trainer_and_need_the_callback(tmp_path, encoder_dir, control):
+def test_bank_refresh_and_drift_probe_equal_contaccum_trainer_and_need_a_step_boundary(tmp_path, encoder_dir, control,
+                                                                                      small_chunks):
     """bank_refresh_steps and bank_drift_probe in sentence-transformers' loss: the same bank updates as
-    ContAccumTrainer's (each tested against a literal loop), started by the callback at each step."""
+    ContAccumTrainer's (each tested against a literal loop), started by the lifecycle at each step."""
     from datasets import Dataset
 
     path = encoder_dir()
     data = Dataset.from_list(toy_rows(4 * 2 * 4))
     st_args = _st_args(tmp_path / "st", max_steps=4, learning_rate=1e-2)
     (name, value), = control.items()
+    small_chunks(3)
 
     def st_run(settings):
         model = st_model(path)
-        loss = ContAccumLoss(model, memory_bank_size=10, bank_chunk_size=3, **settings)
-        trainer = SentenceTransformerTrainer(model=model, args=st_args, train_dataset=data, loss=loss,
-                                             callbacks=[ContAccumBankCallback(loss)])
+        loss = ContAccumLoss(model, memory_bank_size=10, **settings)
+        trainer = SentenceTransformerTrainer(model=model, args=st_args, train_dataset=data, loss=loss)
         trainer.train()
         return model, loss, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -127,7 +131,7 @@ def test_bank_refresh_and_drift_probe_equal_contaccum_trainer_and_need_the_callb
     assert loss.get_config_dict()[name] == value
     reference = BiEncoder.from_encoder(path, shared=True, pooling="mean")
     ours = ContAccumTrainer(model=reference, args=trainer_args(
-        tmp_path / "ours", memory_bank_size=10, bank_chunk_size=3, max_steps=4, learning_rate=1e-2, use_cpu=True,
+        tmp_path / "ours", memory_bank_size=10, max_steps=4, learning_rate=1e-2, use_cpu=True,
         similarity="cos", temperature=0.05, query_max_length=64, passage_max_length=64, **control),
         train_dataset=data, processing_class=reference.tokenizer)
     ours.train()
@@ -140,7 +144,7 @@ def test_bank_refresh_and_drift_probe_equal_contaccum_trainer_and_need_the_callb
 
     unwatched = ContAccumLoss(st_model(path), memory_bank_size=8, **control)
     unwatched.model.train()
-    with pytest.raises(ValueError, match=f"{name} needs callbacks=\\[ContAccumBankCallback"):
+    with pytest.raises(ValueError, match="need to know when an optimizer step begins.*begin_step"):
         unwatched(features(unwatched.model, toy_rows(4), ["query", "positive"]))
     with pytest.raises(ValueError, match="not banked hard negatives"):
         ContAccumLoss(st_model(path), memory_bank_size=8, bank_refresh_steps=1, bank_hard_negatives=True)
@@ -158,8 +162,7 @@ def test_resume_equals_uninterrupted_and_bank_stays_out_of_the_model(tmp_path, e
     def run(out, resume=None, bank=12):
         model = st_model(path)
         loss = ContAccumLoss(model, memory_bank_size=bank, bank_hard_negatives=True)
-        trainer = SentenceTransformerTrainer(model=model, args=_st_args(out, **common), train_dataset=data, loss=loss,
-                                             callbacks=[ContAccumBankCallback(loss)])
+        trainer = SentenceTransformerTrainer(model=model, args=_st_args(out, **common), train_dataset=data, loss=loss)
         trainer.train(resume_from_checkpoint=resume)
         return model, loss, trainer
 
@@ -181,7 +184,7 @@ def test_resume_equals_uninterrupted_and_bank_stays_out_of_the_model(tmp_path, e
     full.save_model(str(tmp_path / "final"))  # the model folder: no bank, loadable as a plain model
     assert not any("contaccum" in f for _, _, files in os.walk(tmp_path / "final") for f in files)
     card = (tmp_path / "final" / "README.md").read_text()
-    assert "ContAccumLoss" in card and "memory_bank_size" in card and "kim2024contaccum" in card
+    assert "ContAccumMultipleNegativesRankingLoss" in card and "memory_bank_size" in card and "kim2024contaccum" in card
 
     with pytest.raises(ValueError, match="same memory_bank_size"):
         run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-2"), bank=16)
@@ -204,7 +207,7 @@ def test_bank_refresh_resumes_exactly(tmp_path, encoder_dir):
         loss = ContAccumLoss(model, memory_bank_size=12, bank_refresh_steps=2)
         trainer = SentenceTransformerTrainer(model=model, args=_st_args(out, max_steps=4, save_strategy="steps",
                                                                         save_steps=2, learning_rate=1e-2),
-                                             train_dataset=data, loss=loss, callbacks=[ContAccumBankCallback(loss)])
+                                             train_dataset=data, loss=loss)
         trainer.train(resume_from_checkpoint=resume)
         return model, loss
 
@@ -214,8 +217,10 @@ def test_bank_refresh_resumes_exactly(tmp_path, encoder_dir):
     for (name, a), (_, b) in zip(full_model.named_parameters(), resumed_model.named_parameters()):
         assert torch.equal(a, b), name
     sa, sb = full_loss.memory_bank.state_dict(), resumed_loss.memory_bank.state_dict()
-    assert "query_token_ids" in sa and "passage_token_mask" in sa
     assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+    kept = [loss.bank_for(16).staleness.state_dict()["tokens"] for loss in (full_loss, resumed_loss)]
+    assert set(kept[0]) == {"query", "passage"}  # the kept tokens travelled with the checkpoint
+    assert all(torch.equal(a, b) for side in kept[0] for a, b in zip(kept[0][side], kept[1][side]))
 
 
 def test_token_keys_identify_texts_whatever_the_padding(encoder_dir):
@@ -261,13 +266,11 @@ def test_duplicate_positive_in_batch_is_masked(encoder_dir):
 
 def test_bad_input(encoder_dir):
     model = st_model(encoder_dir())
-    with pytest.raises(ValueError, match="cos_sim or dot_score"):
-        ContAccumLoss(model, similarity_fct=manhattan_sim)
     with pytest.raises(ValueError, match="gives 1 column"):
         ContAccumLoss(model)(features(model, toy_rows(4), ["query"]), None)
     with pytest.raises(ValueError, match="smaller than one micro-batch of 4 pairs"):
         ContAccumLoss(model, memory_bank_size=2)(features(model, toy_rows(4), ["query", "positive"]), None)
-    with pytest.raises(TypeError, match="ContAccumLoss to save"):
+    with pytest.raises(TypeError, match="loss whose bank it saves"):
         ContAccumBankCallback(MultipleNegativesRankingLoss(model))
 
 
@@ -284,7 +287,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, encoder_d
 
     path = encoder_dir()
     config = {"rows": 24, "batch": 8, "steps": 3, "bank": 12}
-    worker = os.path.join(os.path.dirname(__file__), "st_dist_worker.py")
+    worker = os.path.join(os.path.dirname(__file__), "workers", "st_dist_worker.py")
     launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             worker, str(tmp_path), path, json.dumps(config)])
     result = torch.load(tmp_path / "st_dist.pt")
@@ -305,30 +308,24 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, encoder_d
     assert result["checksums"][0][0] == pytest.approx(float(bank.queries.double().sum()), rel=1e-5)
 
 
-def test_collapse_guard_in_the_callback(encoder_dir):
+def test_collapse_guard_in_the_lifecycle(encoder_dir):
     from hf_contaccum import EmbeddingCollapseError
 
     loss = ContAccumLoss(st_model(encoder_dir()), memory_bank_size=8, collapse_patience=2)
-    callback = ContAccumBankCallback(loss)
+    with pytest.warns(FutureWarning, match="no longer needed"):
+        callback = ContAccumBankCallback(loss)  # the explicit option, still accepted
+    core = loss.bank_for(16)
     same = torch.ones(4, 16, requires_grad=True)
     for step in range(2):
-        loss.contaccum(same, same.detach() + 0.0, torch.arange(4)).backward()
+        core(same, same.detach() + 0.0, torch.arange(4)).backward()
         if step == 0:
-            callback.on_step_end(None, None, None)
+            callback.on_step_end(None, None, _Control())
     with pytest.raises(EmbeddingCollapseError, match="collapsed: for 2 optimizer steps"):
-        callback.on_step_end(None, None, None)
+        callback.on_step_end(None, None, _Control())
 
 
-def test_bank_weight_and_warm_up_reach_the_loss_and_its_config(encoder_dir):
-    from types import SimpleNamespace
-
-    loss = ContAccumLoss(st_model(encoder_dir()), memory_bank_size=8, bank_weight=0.5, bank_warmup_steps=3)
-    config = loss.get_config_dict()
-    assert config["bank_weight"] == 0.5 and config["bank_warmup_steps"] == 3
-    callback = ContAccumBankCallback(loss)
-    for step, reads in [(0, False), (2, False), (3, True)]:
-        callback.on_step_begin(None, SimpleNamespace(global_step=step), None)
-        assert loss.contaccum.read_bank is reads
+class _Control:
+    should_save = False
 
 
 def test_a_non_finite_loss_stops_sentence_transformers_training_before_its_step(tmp_path, encoder_dir):
@@ -341,11 +338,10 @@ def test_a_non_finite_loss_stops_sentence_transformers_training_before_its_step(
         model[0].auto_model.embeddings.word_embeddings.weight.fill_(float("nan"))
     loss = ContAccumLoss(model, memory_bank_size=8)
     trainer = SentenceTransformerTrainer(model=model, args=_st_args(tmp_path), loss=loss,
-                                         train_dataset=Dataset.from_list(toy_rows(24)),
-                                         callbacks=[ContAccumBankCallback(loss)])
+                                         train_dataset=Dataset.from_list(toy_rows(24)))
     with pytest.raises(FloatingPointError, match="a micro-batch of this optimizer step had a non-finite"):
         trainer.train()
-    assert loss.contaccum.defer_finite_check and trainer.state.global_step == 0
+    assert loss.bank_for(16).finite.deferred and trainer.state.global_step == 0
 
 
 def test_callback_refuses_cuda_graphs_with_accumulation_before_training(tmp_path, encoder_dir):
@@ -355,8 +351,7 @@ def test_callback_refuses_cuda_graphs_with_accumulation_before_training(tmp_path
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = ContAccumLoss(model, memory_bank_size=8)
     trainer = SentenceTransformerTrainer(model=model, args=_st_args(tmp_path, torch_compile_mode="reduce-overhead"),
-                                         train_dataset=Dataset.from_list(toy_rows(16)), loss=loss,
-                                         callbacks=[ContAccumBankCallback(loss)])
+                                         train_dataset=Dataset.from_list(toy_rows(16)), loss=loss)
     with pytest.raises(ValueError, match=r"reduce-overhead.*gradient_accumulation_steps=2.*overwrite"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -372,7 +367,7 @@ def test_callback_refuses_a_trainer_that_would_divide_by_the_accumulation_steps_
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = ContAccumLoss(model, memory_bank_size=8)
     trainer = SentenceTransformerTrainer(model=model, args=_st_args(tmp_path), train_dataset=Dataset.from_list(toy_rows(16)),
-                                         loss=loss, callbacks=[ContAccumBankCallback(loss)])
+                                         loss=loss)
     with pytest.raises(RuntimeError, match=r"divides every loss by 2.*5\.5\.4"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -391,9 +386,8 @@ def test_compiled_training_equals_eager(tmp_path, encoder_dir):
         model = st_model(path)
         loss = ContAccumLoss(model, memory_bank_size=10, bank_hard_negatives=True)
         trainer = SentenceTransformerTrainer(model=model, args=_st_args(tmp_path / str(compiled), torch_compile=compiled),
-                                             train_dataset=Dataset.from_list(toy_rows(24, num_negatives=1)), loss=loss,
-                                             callbacks=[ContAccumBankCallback(loss)])
+                                             train_dataset=Dataset.from_list(toy_rows(24, num_negatives=1)), loss=loss)
         trainer.train()
         runs.append(trainer)
     assert len([h for h in runs[0].state.log_history if "loss" in h]) == 3
-    assert_trained_alike(*runs, lambda t: t.loss.contaccum.bank.passages)
+    assert_trained_alike(*runs, lambda t: t.loss.memory_bank.passages)

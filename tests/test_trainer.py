@@ -27,12 +27,13 @@ def test_no_bank_equals_plain_gradient_accumulation(tmp_path, tokenizer, toy_dat
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_trainer_with_bank_equals_literal_contaccum(tmp_path, tokenizer, toy_dataset):
+def test_trainer_with_bank_equals_literal_contaccum(tmp_path, tokenizer, toy_dataset, small_chunks):
     ds = toy_dataset(n=4 * 2 * 4, num_negatives=1)
     model = tiny_model()
     reference, ref_losses = manual_contaccum(copy.deepcopy(model), tokenizer, list(ds), 4, 2, 4, 1e-3, 10, 1)
+    small_chunks(3)
     args = trainer_args(tmp_path, gradient_accumulation_steps=2, max_steps=4, memory_bank_size=10,
-                        mask_false_negatives=False, bank_chunk_size=3)
+                        mask_false_negatives=False)
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     trainer.train()
     for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
@@ -69,9 +70,10 @@ def test_bank_refresh_equals_literal_contaccum_re_encoding_the_bank(tmp_path, to
     _assert_trains_as(trainer, reference, ref_losses, stale)
     # every slot keeps the tokens of one training pair (as the collator cut them), query and positive together
     collate, bank = ContrastiveCollator(tokenizer, 16, 24), trainer.memory_bank
+    staleness = trainer.contrastive_loss.staleness
     pairs = {tuple(b["query_input_ids"][0].tolist()): tuple(b["passage_input_ids"][0].tolist())
              for b in (collate([row]) for row in ds)}
-    kept = [tuple(tuple(bank.token_features(slice(s, s + 1), side)["input_ids"][0].tolist())
+    kept = [tuple(tuple(staleness.token_features(slice(s, s + 1), side)["input_ids"][0].tolist())
                   for side in ("query", "passage")) for s in range(bank.fill)]
     assert len(kept) == 12 and all(pairs[query] == passage for query, passage in kept)
 
@@ -96,10 +98,11 @@ def test_bank_refresh_and_drift_probe_resume_exactly_and_refuse_what_they_cannot
     full.create_model_card()
     card = (tmp_path / "a" / "out" / "README.md").read_text()
     if "bank_refresh_steps" in control:
-        assert torch.equal(full.memory_bank.tokens["query"][0], resumed.memory_bank.tokens["query"][0])
+        assert torch.equal(full.contrastive_loss.staleness.tokens["query"][0],
+                           resumed.contrastive_loss.staleness.tokens["query"][0])
         assert "| bank refresh (banked pairs encoded again every N steps) | 2 |" in card
     else:
-        assert torch.equal(full.contrastive_loss.drift_means, resumed.contrastive_loss.drift_means)
+        assert torch.equal(full.contrastive_loss.staleness.means, resumed.contrastive_loss.staleness.means)
         assert "| bank drift probe (pairs whose mean change moves the bank each step) | 3 |" in card
     (name, _), = control.items()
     with pytest.raises(ValueError, match=f"{name} must be >= 0"):
@@ -121,7 +124,8 @@ def test_bank_drift_probe_equals_literal_contaccum_moving_the_bank(tmp_path, tok
     reference, ref_losses = manual_contaccum(copy.deepcopy(model), *common, drift_probe=3, cos=similarity == "cos")
     stale, _ = manual_contaccum(copy.deepcopy(model), *common, cos=similarity == "cos")
     args = trainer_args(tmp_path, gradient_accumulation_steps=2, max_steps=5, memory_bank_size=12,
-                        mask_false_negatives=False, learning_rate=1e-2, bank_drift_probe=3, similarity=similarity)
+                        mask_false_negatives=False, learning_rate=1e-2, bank_drift_probe=3, similarity=similarity,
+                        temperature=1.0)  # the literal loop divides by no temperature
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     _assert_trains_as(trainer, reference, ref_losses, stale)
 
@@ -201,7 +205,7 @@ def test_bad_texts_are_found_before_training(tmp_path, tokenizer, bad, match):
 def test_negative_bank_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="memory_bank_size is a number of samples"):
         trainer_args(tmp_path, memory_bank_size=-1)
-    with pytest.raises(ValueError, match="raise passage_memory_bank_size"):
+    with pytest.raises(ValueError, match="make memory_bank_size at least as large"):
         trainer_args(tmp_path, memory_bank_size=4, query_memory_bank_size=8)
 
 
@@ -232,7 +236,7 @@ def test_a_nan_micro_batch_stops_its_step_before_the_optimizer_applies_it(tmp_pa
     trainer = NanInSecondMicroBatch(model=model, args=args, train_dataset=toy_dataset(24), processing_class=tokenizer)
     with pytest.raises(FloatingPointError, match="non-finite contrastive loss"):
         trainer.train()
-    assert trainer.contrastive_loss.defer_finite_check and not args.logging_nan_inf_filter
+    assert trainer.contrastive_loss.finite.deferred and not args.logging_nan_inf_filter
     assert trainer.calls == 3 and trainer.state.global_step == 0  # the whole step ran, and was not applied
     assert all(torch.equal(value, model.state_dict()[name].cpu()) for name, value in before.items())
 
@@ -458,21 +462,22 @@ def test_tokenised_once_gives_the_same_batches_and_training(tmp_path, tokenizer,
     assert losses[0] == losses[1]
 
 
-def test_bank_warm_up_and_weight_in_the_trainer(tmp_path, tokenizer, toy_dataset):
-    """bank_warmup_steps: no banked negatives in the first steps (the bank fills meanwhile); bank_weight
-    reaches the loss and the card."""
-    args = trainer_args(tmp_path, memory_bank_size=8, max_steps=4, bank_warmup_steps=2, bank_weight=0.5)
-    trainer = ContAccumTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(40), processing_class=tokenizer)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert [h["negatives_per_query"] for h in logs[:2]] == [3, 3]  # N_local 4, in-batch only
-    assert logs[0]["bank_fill"] == 8 and all(h["negatives_per_query"] == 11 for h in logs[2:])
-    assert trainer.contrastive_loss.bank_weight == 0.5
-    trainer.create_model_card()
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert "| bank weight (staleness) | 0.5 |" in card and "| bank warm-up (steps without reading the bank) | 2 |" in card
-    with pytest.raises(ValueError, match="bank_weight must be in"):
-        trainer_args(tmp_path, bank_weight=0.0)
+def test_retired_and_renamed_arguments(tmp_path):
+    """Retired knobs: their old default is accepted for one release, any other value refused with the reason;
+    passage_memory_bank_size maps onto memory_bank_size (and the query bank keeps the old memory_bank_size)."""
+    from transformers import HfArgumentParser
+
+    from hf_contaccum import ContAccumTrainingArguments
+
+    for name, value in (("bank_weight", 0.25), ("bank_warmup_steps", 20), ("bank_chunk_size", 8)):
+        with pytest.raises(ValueError, match=f"{name} was retired in hf_contaccum 0.2.0"):
+            trainer_args(tmp_path, **{name: value})
+    trainer_args(tmp_path, bank_weight=1.0, bank_warmup_steps=0)
+    with pytest.warns(FutureWarning, match="passage_memory_bank_size is retired"):
+        args = trainer_args(tmp_path, memory_bank_size=8, passage_memory_bank_size=16)
+    assert (args.memory_bank_size, args.query_bank_size) == (16, 8)
+    help_text = HfArgumentParser(ContAccumTrainingArguments).format_help()
+    assert "--memory_bank_size" in help_text and "--bank_weight" not in help_text
 
 
 @pytest.mark.parametrize("gradcache_chunk_size", [None, 2])

@@ -50,12 +50,12 @@ class ModelArguments:
     model_name_or_path: str = field(default="bert-base-uncased", metadata={
         "help": "Encoder checkpoint (hub id or local folder) that both towers start from; a sentence-transformers "
                 "folder brings its pooling, normalisation and similarity."})
-    shared_encoder: bool | None = field(default=None, metadata={
+    shared_encoder: bool | None = field(default=None, metadata={"nargs": "?", "const": True,
         "help": "One tower for queries and passages. Default: shared for a sentence-transformers folder, else "
                 "two towers (DPR and the paper)."})
     pooling: str | None = field(default=None, metadata={
         "help": "'cls', 'mean', or 'last' (the last token: decoder embedders). Default: the folder's, else 'cls'."})
-    normalize: bool | None = field(default=None, metadata={
+    normalize: bool | None = field(default=None, metadata={"nargs": "?", "const": True,
         "help": "L2-normalise the vectors. Default: the folder's, else no."})
     query_prompt: str | None = field(default=None, metadata={
         "help": "Text put before every query, in training, evaluation and the saved model (e.g. 'query: ')."})

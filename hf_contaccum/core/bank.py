@@ -45,6 +45,12 @@ class MemoryBank:
         return self.fill
 
     @property
+    def capacity(self) -> int:
+        import warnings
+        warnings.warn("MemoryBank.capacity is now MemoryBank.size", FutureWarning, stacklevel=2)
+        return self.size
+
+    @property
     def dim(self) -> int | None:
         return None if self.queries is None else self.queries.shape[1]
 

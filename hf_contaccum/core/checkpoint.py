@@ -133,7 +133,7 @@ def load_bank(loss, directory: str, *, name: str = "", rank: int = 0, processes:
     for key in BANK_SETTINGS:
         if meta["settings"].get(key) != current[key]:
             raise BankFileError(f"{path} holds a bank made with {key}={meta['settings'].get(key)!r}, this run has "
-                                f"{key}={current[key]!r}: its vectors and cached scores would be wrong. Resume with the same "
+                                f"{key}={current[key]!r}: its vectors and cached scores would be wrong. resume with the same "
                                 f"{key} ({meta['settings'].get(key)!r}), or start a new run")
     if loss.bank.dim is not None and meta["width"] not in (None, loss.bank.dim):
         raise BankFileError(f"{path} holds vectors of width {meta['width']}, this model's are {loss.bank.dim}")

@@ -64,9 +64,9 @@ class TrainingDiagnostics:
         are, how far its loss is below the loss of scores that say nothing, and its rows left with no negative."""
         self._add(self._sums, "micro_batches", 1)
         self._add(self._sums, "negatives", stats.num_columns - 1)
-        if stats.rows_without_negatives is not None:
-            self._add(self._window, "alone", stats.rows_without_negatives)
-            self._add(self._window, "rows", queries.shape[0])
+        if stats.masked is not None:  # every candidate but the positives masked: nothing to contrast
+            self._add(self._window, "masked", stats.masked)
+            self._add(self._window, "maskable", stats.maskable)
         if queries.shape[0] < 2 or stats.uniform_loss <= 0:
             return
         with torch.no_grad():  # total variance of the unit vectors, the smaller side's: 0 when every vector is the same
@@ -122,10 +122,10 @@ class TrainingDiagnostics:
         left it while reading the bank for STUCK_PATIENCE_FACTOR x `patience`, or when the smoothed loss ratio
         climbed RISE_STOP above its lowest value for 3 x `patience` (after a warning at RISE_WARN)."""
         window, self._window = self._window, {}
-        if patience <= 0 or not window.get("micro_batches") and not window.get("rows"):
+        if patience <= 0 or not window.get("micro_batches") and not window.get("maskable"):
             return
-        if window.get("rows"):
-            alone = bool(window["alone"] == window["rows"])
+        if window.get("maskable"):
+            alone = bool(window["masked"] == window["maskable"])
             self._alone_steps = self._alone_steps + 1 if alone else 0
             if self._alone_steps >= patience:
                 raise NoNegativesError(

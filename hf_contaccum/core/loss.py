@@ -36,7 +36,8 @@ class LossStats:
     num_columns: int  # candidate passages per row (negatives per query = this - 1)
     uniform_loss: float  # the loss if every candidate scored the same: log of the candidates
     banked_columns: int = 0  # candidates read from the memory bank
-    rows_without_negatives: torch.Tensor | None = None  # current rows whose every other candidate was masked
+    masked: torch.Tensor | None = None  # candidates masked as duplicates of a row's positive, over the current rows
+    maskable: int = 0  # ... of at most this many (every candidate but each row's positive)
 
 
 class ContAccumLoss(nn.Module):
@@ -179,13 +180,12 @@ class ContAccumLoss(nn.Module):
             bvecs, bkeys = bank.columns()
             logits = torch.cat([logits, q @ bvecs.flatten(0, 1).T / self.temperature], 1)
             all_keys = torch.cat([cur_keys, bkeys.flatten()])
-        alone = None
+        masked = None
         if self.mask_false_negatives:
             same = all_keys[None] == passage_keys[own][:, None]
             same[:, own].diagonal().fill_(False)  # each row keeps its own positive
             logits = logits.masked_fill(same, NEG_INF)
-            if use_bank:
-                alone = (same.sum(1) >= same.shape[1] - 1).sum()  # rows left with their positive only
+            masked = same.sum() if use_bank else None
         total = F.cross_entropy(logits, targets, reduction="sum")
         num_rows = counted = n * world_size  # every rank's current rows count in the global mean
         if banked and self.query_bank_size > 0:
@@ -207,7 +207,8 @@ class ContAccumLoss(nn.Module):
                                  - self.cache.row_positive_logit(rows)).sum()
             counted += total_bank_rows
         num_banked = logits.shape[1] - cur_cols.shape[0]
-        stats = LossStats(counted, logits.shape[1], math.log(logits.shape[1]), num_banked, alone)
+        stats = LossStats(counted, logits.shape[1], math.log(logits.shape[1]), num_banked, masked,
+                          n * (logits.shape[1] - 1))
         # q @ banked columns saved the banked passages (for q's gradient); banked rows @ current columns saved the
         # banked queries (for the columns' gradient): once both gradients exist, the bank is free to change.
         return (total * world_size if world_size > 1 else total) / num_rows, stats, (q, cur_cols)

@@ -25,12 +25,13 @@ from torch import nn
 from transformers import Trainer
 
 from ..citations import CONTACCUM_BIBTEX, GRADCACHE_BIBTEX
-from ..core.loss import ContAccumLoss
+from ..core.loss import ContAccumLoss as CoreLoss
+from ..core.gather import world
 from ..core.objective import Objective
 from ..data.keys import token_keys
 from ..settings import ContAccumSettings
 from .lifecycle import ContAccumCallback, resolve_resume
-from .st_attach import contaccum_losses, find_trainer, wrappers_around, wrappers_of
+from .st_attach import contaccum_losses, find_trainer, intermediate_layer, wrappers_around, wrappers_of
 
 SIMILARITY_NAMES = {cos_sim: "cos", dot_score: "dot"}  # sentence-transformers' functions -> the bank's fast path
 SETTINGS_KEYS = ("query_memory_bank_size", "bank_hard_negatives", "mask_false_negatives", "bank_refresh_steps",
@@ -83,10 +84,11 @@ class ContAccumMultipleNegativesRankingLoss(nn.Module):
                                            temperature=1.0 / scale, gather_across_devices=gather_across_devices,
                                            **settings)
         self._scale, self._similarity_fct = scale, similarity_fct
-        self.banks = nn.ModuleDict()  # width -> ContAccumLoss: one bank per embedding width (MatryoshkaLoss)
+        self.banks = nn.ModuleDict()  # width -> the core ContAccumLoss: one bank per embedding width (MatryoshkaLoss)
         self.pairs_per_step = None  # set when a Trainer is found: what memory_bank_size="auto" means
-        self._last_batch = None  # the micro-batch seen last: a wrapper's repeated call of it does not enqueue again
+        self._last_batch = {}  # width -> the micro-batch seen last: a wrapper's repeated call does not enqueue again
         self._trainer = None  # the Trainer this loss equipped
+        self._steps_told = False  # begin_step called by a loop of the user's own
         self._cached = _Cached(self) if mini_batch_size else None
 
     # -- sentence-transformers' attributes, assignable as on its own losses --------------------
@@ -126,11 +128,11 @@ class ContAccumMultipleNegativesRankingLoss(nn.Module):
             self.banks[width].cache.stale = True
 
     # -- the banks -----------------------------------------------------------------------
-    def bank_for(self, width: int) -> ContAccumLoss:
+    def bank_for(self, width: int) -> CoreLoss:
         key = str(width)
         if key not in self.banks:
             settings = self._settings.resolved(self.pairs_per_step) if self.pairs_per_step else self._settings
-            self.banks[key] = ContAccumLoss(settings=settings, objective=self._objective).to(self._device())
+            self.banks[key] = CoreLoss(settings=settings, objective=self._objective).to(self._device())
         return self.banks[key]
 
     def _device(self):
@@ -145,12 +147,18 @@ class ContAccumMultipleNegativesRankingLoss(nn.Module):
         dims = [int(w) for w in self.banks]
         return sorted(dims, reverse=True)
 
+    def begin_step(self, step: int) -> None:
+        """For a loop of your own: call before each optimizer step (step = steps done). Trainers need not."""
+        self._steps_told = True
+        for bank in self.banks.values():
+            bank.begin_step(step)
+
     def reset_bank(self) -> None:
         for bank in self.banks.values():
             bank.reset()
 
     def contaccum_cores(self) -> dict:
-        """{file name: ContAccumLoss} of this loss's banks, for the lifecycle."""
+        """{file name: core ContAccumLoss} of this loss's banks, for the lifecycle."""
         base = self.name or ""
         widths = self._widths()
         if len(widths) <= 1:
@@ -168,18 +176,21 @@ class ContAccumMultipleNegativesRankingLoss(nn.Module):
             self._ensure_attached()
         if self._cached is not None:
             return self._cached.forward_cached(features, labels)
-        repeated = self._repeated(features[0])
+        intermediate = intermediate_layer(self.model)  # AdaptiveLayerLoss's earlier layers: never banked
 
         def encode(pair_features):  # the staleness controls' encoder: anchors and positives, no caching
             return tuple(self.model(pair_features[side])["sentence_embedding"] for side in ("query", "passage"))
 
-        if training and not repeated:
+        if training and not intermediate:
             self._update_stale_banks(features, encode)
         embeddings = embed_columns(self.model, features)
+        repeated = intermediate or self._repeated(features[0], embeddings[0].shape[-1])
         return self.loss_on(embeddings, [token_keys(f) for f in features], enqueue=not repeated)
 
     def loss_on(self, embeddings: list, keys: list, enqueue: bool = True) -> torch.Tensor:
         """The loss of one batch of column embeddings (anchors, positives, negatives...) with their passage keys."""
+        if self.pairs_per_step is None and self._settings.memory_bank_size == "auto" and self.model.training:
+            self._auto_outside_a_trainer(embeddings[0].shape[0])
         core = self.bank_for(embeddings[0].shape[-1])
         core.train(self.model.training)
         negatives = torch.stack(embeddings[2:], 1) if len(embeddings) > 2 else None
@@ -188,19 +199,41 @@ class ContAccumMultipleNegativesRankingLoss(nn.Module):
         # adds nothing to it: the bank holds the model's own embeddings only
         return core(embeddings[0], embeddings[1], keys[1], negatives, negative_keys, enqueue=enqueue)
 
-    def _repeated(self, anchors: dict) -> bool:
-        """Whether a wrapper calls this loss again for the micro-batch it called it for last (same feature tensors)."""
+    def calculate_loss(self, reps, labels=None, *, with_backward: bool = False) -> torch.Tensor:
+        """sentence-transformers' gradient-cache protocol (what MatryoshkaLoss decorates): the loss of the
+        mini-batches' embeddings, per column; with_backward back-propagates it to them and returns it detached."""
+        loss = self.loss_on([torch.cat(column) for column in reps], self._cached.keys)
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+    def _auto_outside_a_trainer(self, rows: int) -> None:
+        """memory_bank_size="auto" with no Trainer to say what an optimizer step is: one micro-batch's pairs."""
+        processes = world()[1] if self.gather_across_devices else 1
+        self.pairs_per_step = rows * processes
+        warnings.warn(f"memory_bank_size='auto' is the pairs of one optimizer step, which only a Trainer knows; "
+                      f"outside one it is one micro-batch's: {self.pairs_per_step}. Give memory_bank_size=<batch x "
+                      "accumulation steps x processes> for a loop of your own", stacklevel=4)
+
+    def _repeated(self, anchors: dict, width: int) -> bool:
+        """Whether a wrapper calls this loss again, at this width, for the micro-batch it called it for last (the
+        same feature tensors): the bank of that width has it already."""
         ids = anchors.get("input_ids")
         if not isinstance(ids, torch.Tensor):
             return False
-        repeated = self._last_batch is not None and self._last_batch() is ids
-        self._last_batch = weakref.ref(ids)
-        return repeated
+        last = self._last_batch.get(width)
+        self._last_batch[width] = weakref.ref(ids)
+        return last is not None and last() is ids
 
     def _update_stale_banks(self, features, encode) -> None:
         """bank_refresh_steps / bank_drift_probe: at a step's first micro-batch, before its forward."""
         if not (self._settings.bank_refresh_steps or self._settings.bank_drift_probe):
             return
+        if self._trainer is None and not self._steps_told:
+            raise ValueError("bank_refresh_steps and bank_drift_probe need to know when an optimizer step begins: "
+                             "train with a Trainer (the loss finds it), or call loss.begin_step(step) before each "
+                             "optimizer step of your own loop")
         for side, f in zip(("query", "passage"), features[:2]):
             extra = [k for k, v in f.items() if isinstance(v, torch.Tensor)
                      and k not in ("input_ids", "attention_mask", "token_type_ids")]
@@ -216,7 +249,7 @@ class ContAccumMultipleNegativesRankingLoss(nn.Module):
         def encode_with_settings(pairs):
             return encode({side: {**settings[side], **pairs[side]} for side in pairs})
 
-        for core in self.banks.values() or [self.bank_for(self._full_width())]:
+        for core in list(self.banks.values()) or [self.bank_for(self._full_width())]:
             core.before_micro_batch(tokens, encode_with_settings, self.model)
 
     def _full_width(self) -> int:
@@ -280,15 +313,12 @@ class _Cached(CachedLossMixin):
     show_progress_bar = property(lambda self: self._owner().show_progress_bar)
 
     def forward_cached(self, features, labels=None):
-        self._keys = [token_keys(f) for f in features]
+        self.keys = [token_keys(f) for f in features]
         return CachedLossMixin.forward_cached(self, features, labels)
 
     def calculate_loss(self, reps, labels=None, *, with_backward: bool = False) -> torch.Tensor:
-        loss = self._owner().loss_on([torch.cat(column) for column in reps], self._keys)
-        if with_backward:
-            loss.backward()
-            loss = loss.detach()
-        return loss
+        # the owner's: a wrapper may have decorated it there (MatryoshkaLoss's CachedLossDecorator)
+        return self._owner().calculate_loss(reps, labels, with_backward=with_backward)
 
 
 def attach(trainer: Trainer) -> ContAccumCallback:

@@ -61,3 +61,15 @@ def contaccum_losses(root) -> list[tuple[str, object]]:
         ours = [node for node in wrappers_of(loss) if isinstance(node, ContAccumMultipleNegativesRankingLoss)]
         found += [(key if len(ours) == 1 else f"{key}{'_' if key else ''}{i}", node) for i, node in enumerate(ours)]
     return found
+
+
+def intermediate_layer(model) -> bool:
+    """Whether AdaptiveLayerLoss is running the model for one of its earlier layers (its TransformerDecorator on the
+    first module, with a layer index): those embeddings are a wrapper's, not the model's, and never banked."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    try:
+        first = model[0]
+    except (TypeError, IndexError, KeyError):
+        return False
+    return getattr(getattr(first, "forward", None), "layer_idx", None) is not None

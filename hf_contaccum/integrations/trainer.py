@@ -90,8 +90,12 @@ class ContAccumTrainer(Trainer):
         if args.one_tower_call and getattr(config, "shared", None) is not True:
             raise ValueError("one_tower_call=True needs a BiEncoder with one shared tower (shared=True): separate "
                              "query and passage towers are two calls anyway. Set one_tower_call=False.")
-        if config is not None and hasattr(config, "similarity"):
-            config.similarity = args.similarity  # the saved model then says how it is scored
+        if config is not None and hasattr(config, "similarity"):  # the saved model then says how it was trained
+            config.similarity = args.similarity
+            config.query_max_length, config.passage_max_length = args.query_max_length, args.passage_max_length
+            for name in ("eos_token_id", "bos_token_id", "pad_token_id"):  # the tokenizer's: what the Trainer would
+                if getattr(self.processing_class, name, None) is not None:  # align, with a notice, at train()
+                    setattr(config, name, getattr(self.processing_class, name))
         self.lifecycle = ContAccumCallback(lambda: {"": self.contrastive_loss},
                                            [self.gradcache] if self.gradcache else []).attach(self)
 

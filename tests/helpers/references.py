@@ -143,3 +143,51 @@ def manual_contaccum(model, tokenizer, rows, n_local, k, steps, lr, bank_size, n
         opt.step()
         opt.zero_grad()
     return model, losses
+
+
+def naive_extended_loss(q, d, hn, bq, bd, bhn, scale, similarity, directions=("query_to_doc",), partition="joint",
+                        hardness_mode=None, strength=0.0):
+    """sentence-transformers' MultipleNegativesRankingLoss objective (directions, partition mode, hardness) over
+    current AND banked pairs, written out: rows are [current ; banked] pairs, candidates every query and passage,
+    banked ones detached; one score matrix per direction, masked as MNRL masks them, one mean over all rows.
+
+    q, d: (n, dim) current queries and positives; hn: (n, H, dim) or None; bq, bd: (m, dim) banked; bhn: (m, Hb,
+    dim) or None. similarity: a sentence-transformers function, e.g. cos_sim (applied to the raw vectors)."""
+    n, m, dim = q.shape[0], bq.shape[0], q.shape[1]
+    device = q.device
+    docs, owner, positive = [d, bd.detach()], [torch.arange(n), n + torch.arange(m)], [True] * (n + m)
+    if hn is not None:
+        docs.append(hn.reshape(-1, dim))
+        owner.append(torch.arange(n).repeat_interleave(hn.shape[1]))
+        positive += [False] * (n * hn.shape[1])
+    if bhn is not None:
+        docs.append(bhn.detach().reshape(-1, dim))
+        owner.append(n + torch.arange(m).repeat_interleave(bhn.shape[1]))
+        positive += [False] * (m * bhn.shape[1])
+    docs, owner = torch.cat(docs), torch.cat(owner).to(device)
+    positive = torch.tensor(positive, device=device)
+    rows_q, rows_d = torch.cat([q, bq.detach()]), torch.cat([d, bd.detach()])
+    queries, rows = torch.cat([q, bq.detach()]), torch.arange(n + m, device=device)
+    own = owner[None] == rows[:, None]  # (rows, docs): the row's own passages
+    matrices = {}
+    sim = similarity(rows_q, docs)
+    logits = sim * scale
+    if hardness_mode is not None and strength > 0:
+        penalised = {"in_batch_negatives": ~own, "hard_negatives": own & ~positive[None],
+                     "all_negatives": ~(own & positive[None])}[hardness_mode]
+        logits = logits + strength * sim.detach() * penalised
+    matrices["query_to_doc"] = logits
+    self_query = rows[None] == rows[:, None]
+    if "query_to_query" in directions:
+        matrices["query_to_query"] = (similarity(rows_q, queries) * scale).masked_fill(self_query, float("-inf"))
+    if "doc_to_query" in directions:
+        matrices["doc_to_query"] = similarity(rows_d, queries) * scale
+    if "doc_to_doc" in directions:
+        matrices["doc_to_doc"] = (similarity(rows_d, docs) * scale).masked_fill(own, float("-inf"))
+    target = matrices["query_to_doc"][rows, rows]  # the row's own positive is docs[row] (current, then banked)
+    chosen = [matrices[direction] for direction in directions]
+    if partition == "joint":
+        log_z = torch.cat(chosen, 1).logsumexp(1)
+    else:
+        log_z = torch.stack([matrix.logsumexp(1) for matrix in chosen]).mean(0)
+    return (log_z - target).mean()

@@ -59,8 +59,12 @@ def main(out_dir, config):
 
     from hf_contaccum import BiEncoder, ContAccumTrainer
 
+    from hf_contaccum.core.lse_cache import BankLogsumexp
+
+    settings = dict(config["args"])
+    BankLogsumexp.chunk_size_override = config.get("bank_chunk_size")  # small chunks: every edge case
     # one output_dir shared by both ranks, as in real use; creating the arguments sets up the process group
-    args = trainer_args(Path(out_dir), **{"use_cpu": True, **config["args"]})  # gloo: the CPU, unless the test says
+    args = trainer_args(Path(out_dir), **{"use_cpu": True, **settings})  # gloo: the CPU, unless the test says
     if config.get("engine"):
         force_engine_on_cpu(config["engine"])
     if config.get("sum_for_avg"):
@@ -74,7 +78,8 @@ def main(out_dir, config):
     model = BiEncoder.from_pretrained(config["init"]) if config.get("init") else tiny_model()
     trainer = ContAccumTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     if config.get("refresh_block"):  # bank_refresh_steps: encode the bank in blocks of this many rows per process
-        trainer.refresh_bank = functools.partial(trainer.refresh_bank, block=config["refresh_block"])
+        staleness = trainer.contrastive_loss.staleness
+        staleness.refresh = functools.partial(staleness.refresh, block=config["refresh_block"])
     trainer.train(resume_from_checkpoint=config.get("resume"))
     bank = trainer.memory_bank
     checksum = torch.tensor([float(bank.queries.double().sum()), float(bank.passages.double().sum()),

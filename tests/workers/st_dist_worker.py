@@ -1,6 +1,6 @@
 """Launched by tests/test_sentence_transformers.py under torchrun (2 CPU processes, gloo).
 
-Each rank computes hf_contaccum's sentence-transformers ContAccumLoss on its half of every
+Each rank computes hf_contaccum's sentence-transformers loss on its half of every
 batch with gather_across_devices=True; gradients are averaged as DDP does. Rank 0 writes the
 averaged gradients of each step and every rank's bank checksum, for comparison with one
 process on the whole batch.
@@ -14,20 +14,19 @@ import torch
 import torch.distributed as dist
 
 from helpers.data import toy_rows
+from helpers.st import features, st_model
 
 
 def main(out_dir, encoder_dir, config):
-    from test_sentence_transformers import features, st_model
-
-    from hf_contaccum.sentence_transformers import ContAccumLoss
+    from hf_contaccum.sentence_transformers import ContAccumMultipleNegativesRankingLoss
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, world
     model = st_model(encoder_dir)
     model.train()
-    loss_fn = ContAccumLoss(model, memory_bank_size=config["bank"], gather_across_devices=True,
-                            bank_hard_negatives=True)
+    loss_fn = ContAccumMultipleNegativesRankingLoss(model, memory_bank_size=config["bank"], gather_across_devices=True,
+                                                    bank_hard_negatives=True)
     rows, n = toy_rows(config["rows"], num_negatives=1), config["batch"]
     results = []
     for step in range(config["steps"]):

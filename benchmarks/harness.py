@@ -72,14 +72,26 @@ def timed(fn):
     return time.perf_counter() - start
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: benchmarks is a package in it
+
+
+def module_command(script: str) -> list[str]:
+    """`python -m benchmarks.<name>` for a benchmark's own file: run as a module of the package, from anywhere."""
+    return [sys.executable, "-m", "benchmarks." + os.path.splitext(os.path.basename(script))[0]]
+
+
+def module_env(**extra) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **extra)
+
+
 def run_grid(script, configs, repeats, extra_args=()):
-    """Run `script --config <json>` for every config, `repeats` times in alternating order;
-    each run prints one JSON line. Returns {config key: [results]}."""
+    """Run benchmark `script` (its file) with `--config <json>` for every config, `repeats` times in alternating
+    order, each in its own process; each run prints one JSON line. Returns {config key: [results]}."""
     runs = {json.dumps(c, sort_keys=True): [] for c in configs}
     for r in range(repeats):
         for config in configs if r % 2 == 0 else configs[::-1]:
-            cmd = [sys.executable, script, "--config", json.dumps(config), *extra_args]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            cmd = [*module_command(script), "--config", json.dumps(config), *extra_args]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=module_env())
             if proc.returncode != 0:
                 print(f"FAILED {config}: {proc.stderr[-2000:]}", flush=True)
                 continue
