@@ -24,9 +24,7 @@ with the same passages encoded now, as a current query sees them:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as F

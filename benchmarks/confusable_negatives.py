@@ -11,7 +11,6 @@ negatives are less confusable than WordNet's).
 import json
 import os
 import random
-import sys
 
 import torch
 

@@ -11,8 +11,6 @@ other pairs' passages: C x (pairs sharing a lemma with the positive, other text)
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections import defaultdict
 
 from benchmarks.harness import write_result

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import gzip
-import json
 import os
 import shutil
 import subprocess

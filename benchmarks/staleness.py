@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from benchmarks.quality import MAX_LENGTHS, N_LOCAL, build_model, load_runs, save, train_and_evaluate
 from benchmarks.tasks import load_task

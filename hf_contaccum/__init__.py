@@ -16,8 +16,10 @@ from .integrations.training_args import ContAccumTrainingArguments
 from .model.biencoder import BiEncoder
 from .model.config import BiEncoderConfig
 from .settings import ContAccumSettings
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "BiEncoder",
     "BiEncoderConfig",
     "ColumnMap",
@@ -32,4 +34,3 @@ __all__ = [
     "NoNegativesError",
     "RetrievalEvaluator",
 ]
-__version__ = "0.2.0"

@@ -161,3 +161,16 @@ def refuse_retired(**given) -> None:
         if value != defaults[name]:
             raise ValueError(f"{name} was retired in hf_contaccum 0.2.0: {RETIRED[name]}. Remove it (CHANGELOG.md "
                              "lists the measurement that retired it)")
+
+
+def legacy_arguments(owner: str, extra: dict, query_memory_bank_size):
+    """0.1's argument names, for one release: query_bank_size (renamed: warns, returns its value), the retired
+    settings (refused unless at their old default); anything else is a TypeError."""
+    if "query_bank_size" in extra:
+        warnings.warn("query_bank_size is now query_memory_bank_size", FutureWarning, stacklevel=3)
+        query_memory_bank_size = extra.pop("query_bank_size")
+    unknown = set(extra) - set(RETIRED)
+    if unknown:
+        raise TypeError(f"{owner} got unexpected arguments {sorted(unknown)}")
+    refuse_retired(**extra)
+    return query_memory_bank_size

@@ -161,7 +161,10 @@ def test_only_adapters_train_and_every_loader_gives_the_same_embeddings(tmp_path
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert len(trainable) == 4 * (1 if shared else 2)  # A and B of query and value, per tower
-    trainer = _train(model, tmp_path, _dataset(16), max_steps=2, learning_rate=1e-2)
+    # lengths no text here reaches: every loader below then sees the same tokens (a saved model encodes at the
+    # lengths it trained at; sentence-transformers has one max_seq_length for both sides)
+    trainer = _train(model, tmp_path, _dataset(16), max_steps=2, learning_rate=1e-2, query_max_length=40,
+                     passage_max_length=40)
     assert trainer.state.global_step == 2
     model.cpu()  # trained where the tests train (conftest.DEVICE); compared below with models loaded on the CPU
     q, p = model.encode_queries(QUERIES), model.encode_passages(PASSAGES)

@@ -110,6 +110,7 @@ def _live_heap_mib():
     return (info.uordblks + info.hblkhd) / 2**20
 
 
+@pytest.mark.slow
 def test_bounded_memory_over_2000_micro_steps():
     """The failure that sank sentence-transformers PR #3612: a cache that grows every step."""
     torch.manual_seed(0)

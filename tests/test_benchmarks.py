@@ -84,6 +84,7 @@ def test_a_task_built_here_loads_on_another_machine_unchanged(tmp_path, monkeypa
     assert train.to_dict() == task[0].to_dict() and (queries, corpus, qrels) == task[1:]
 
 
+@pytest.mark.slow
 def test_gpu_paper_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     """The GPU benchmark's whole path (processes, Trainer loops, timer, JSON) as a CPU smoke run."""
     from benchmarks import gpu_paper
@@ -98,6 +99,7 @@ def test_gpu_paper_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert gpu_paper.layout("hybrid", 512) == (512, 1, 8192, 8) and gpu_paper.layout("contaccum-1024", 512)[1] == 64
 
 
+@pytest.mark.slow
 def test_cuda_graphs_probe_compares_every_variant_with_eager(tmp_path):
     """cuda_graphs.py's loop (BiEncoder + ContAccumLoss, K = 4, a bank, hard negatives) as a CPU smoke run, where
     inductor runs without CUDA graphs: every variant trains like eager, and the parameters move by far more than

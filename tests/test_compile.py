@@ -10,6 +10,8 @@ from helpers.trainers import DEVICE, assert_trained_alike, trainer_args
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 
+pytestmark = [pytest.mark.slow]
+
 MODES = {"bank and banked hard negatives": {},
          "hybrid (GradCache chunks + bank)": {"gradcache_chunk_size": 2},
          "padded to a multiple of 16": {"pad_to_multiple_of": 16},
@@ -72,6 +74,7 @@ def test_cuda_graphs_from_accelerate_settings_are_refused_too(tmp_path, monkeypa
     trainer_args(tmp_path, gradient_accumulation_steps=2, torch_compile_mode="default")  # the arguments win
 
 
+@pytest.mark.gpu
 def test_cuda_graphs_with_one_backward_per_step_train_like_eager(tmp_path, tokenizer):
     """Allowed with one backward per step: on a GPU this runs CUDA graphs (fixed shapes by padding); on a CPU
     inductor runs without them, and the test checks the setting trains."""

@@ -1,31 +1,20 @@
 """Two CPU processes (gloo) against one process on the global batch (design.md §3)."""
-import json
 import os
 import sys
 
 import pytest
 import torch
 from helpers.data import toy_rows
-from helpers.launch import launch
+from helpers.launch import DIST_CONFIG, launch, launch_dist_worker
 from helpers.models import tiny_model
 from helpers.trainers import trainer_args
 
 from hf_contaccum import ContAccumTrainer
 
-WORKER = os.path.join(os.path.dirname(__file__), "workers", "dist_worker.py")
-CONFIG = {"rows": 48, "negatives": 1, "bank_chunk_size": 3, "args": {  # small cache chunks: every edge case
-    "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 4, "memory_bank_size": 10,
-    "bank_hard_negatives": True, "mask_false_negatives": True}}
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-
-def _launch(tmp_path, config, launcher="torchrun", timeout=240):
-    if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher]
-    cmd += [WORKER, str(tmp_path), json.dumps(config)]
-    launch(cmd, timeout=timeout)
-    return json.loads((tmp_path / "result.json").read_text()), torch.load(tmp_path / "params.pt")
+CONFIG = DIST_CONFIG
+_launch = launch_dist_worker
 
 
 @pytest.mark.parametrize("gradcache_chunk_size", [None, 1])

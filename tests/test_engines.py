@@ -22,6 +22,8 @@ from helpers.trainers import trainer_args
 
 from hf_contaccum import BiEncoder, ContAccumTrainer
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "dist_worker.py")
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "accelerate_configs")
 ENGINES = {"ddp": ("cpu_2proc.yaml", None), "deepspeed_zero2": ("deepspeed_zero2.yaml", "deepspeed"),

@@ -94,6 +94,7 @@ def test_cli_trains_a_lora_decoder_with_prompts(tmp_path):
     assert "| adapters | LORA r 2" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_run_msmarco_help_documents_every_option():
     script = os.path.join(EXAMPLES, "run_msmarco.py")
     out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout

@@ -1,6 +1,5 @@
 """The loss against a literal implementation of the paper's equations (5-9)."""
 import copy
-import os
 import warnings
 from functools import partial
 
@@ -217,6 +216,7 @@ def test_a_non_finite_loss_raises_at_once_or_at_check_finite_when_deferred():
     loss_fn.check_finite()  # the flag was consumed: the next step starts clean
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("similarity, bank_hn, query_bank", [("cos", True, None), ("dot", False, 12)])
 def test_a_training_micro_step_makes_no_host_sync(similarity, bank_hn, query_bank):
     """Forward, backward and the enqueue with its cache refresh, with finiteness checked once per step as

@@ -6,8 +6,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
-from test_distributed import CONFIG, _launch  # noqa: F401  (a test module imports another: see helpers)
+from helpers.launch import DIST_CONFIG as CONFIG
+from helpers.launch import launch_dist_worker as _launch
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "resume_worker.py")
 

@@ -11,13 +11,12 @@ from helpers.st import assert_same_grads, features, grads_of, save_encoder, st_m
 from helpers.trainers import accelerate_told_the_accumulation_steps, assert_trained_alike, trainer_args
 
 st = pytest.importorskip("sentence_transformers")
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-from sentence_transformers.util import cos_sim, dot_score, manhattan_sim
+from sentence_transformers import SentenceTransformerTrainer
+from sentence_transformers.util import cos_sim, dot_score
 
 from hf_contaccum import BiEncoder, ContAccumTrainer
 from hf_contaccum.data.keys import token_keys
 from hf_contaccum.sentence_transformers import (
-    CachedContAccumMultipleNegativesRankingLoss,
     ContAccumBankCallback,
     ContAccumMultipleNegativesRankingLoss,
 )
@@ -281,6 +280,8 @@ def test_config_and_citation(encoder_dir):
     assert "kim2024contaccum" in loss.citation and "gao2021gradcache" in loss.citation
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, encoder_dir):
     import json
     import sys
@@ -374,6 +375,7 @@ def test_callback_refuses_a_trainer_that_would_divide_by_the_accumulation_steps_
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_compiled_training_equals_eager(tmp_path, encoder_dir):
     """torch_compile=True through SentenceTransformerTrainer with this loss (a bank with banked hard negatives,
     gradient accumulation): the same losses and parameters as eager mode (no dropout: compiled code draws other

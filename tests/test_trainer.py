@@ -4,11 +4,10 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers.data import toy_rows
 from helpers.models import tiny_model
 from helpers.references import manual_contaccum, manual_gradient_accumulation
-from helpers.trainers import DEVICE, accelerate_told_the_accumulation_steps, on_device, trainer_args
+from helpers.trainers import accelerate_told_the_accumulation_steps, trainer_args
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 

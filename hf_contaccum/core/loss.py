@@ -13,31 +13,20 @@ backward (no grad, or eval mode) nothing is enqueued and the bank is not read.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Variable
 
-from ..settings import SIMILARITIES, ContAccumSettings, normalize, refuse_retired, score
+from ..settings import SIMILARITIES, ContAccumSettings, legacy_arguments, normalize
 from .bank import MemoryBank
 from .diagnostics import TrainingDiagnostics
 from .finite import FiniteGuard, nonfinite_error
+from .inputs import LossStats, autocast_off, check_bank_fits, check_inputs
 from .gather import check_equal_shapes, gather_with_grad, gather_without_grad, world
-from .lse_cache import NEG_INF, BankLogsumexp
+from .lse_cache import BankLogsumexp
+from .infonce import infonce
 from .objective import Objective, extended_infonce
 from .staleness import Staleness
-
-
-@dataclass
-class LossStats:
-    num_rows: int  # loss rows: current queries (all processes) + banked queries
-    num_columns: int  # candidate passages per row (negatives per query = this - 1)
-    uniform_loss: float  # the loss if every candidate scored the same: log of the candidates
-    banked_columns: int = 0  # candidates read from the memory bank
-    masked: torch.Tensor | None = None  # candidates masked as duplicates of a row's positive, over the current rows
-    maskable: int = 0  # ... of at most this many (every candidate but each row's positive)
 
 
 class ContAccumLoss(nn.Module):
@@ -66,14 +55,7 @@ class ContAccumLoss(nn.Module):
                  bank_drift_probe: int = 0, settings: ContAccumSettings | None = None,
                  objective: Objective | None = None, **retired):
         super().__init__()
-        if "query_bank_size" in retired:  # renamed in 0.2.0
-            import warnings
-            warnings.warn("query_bank_size is now query_memory_bank_size", FutureWarning, stacklevel=2)
-            query_memory_bank_size = retired.pop("query_bank_size")
-        unknown = set(retired) - {"bank_weight", "bank_warmup_steps", "bank_chunk_size"}
-        if unknown:
-            raise TypeError(f"ContAccumLoss got unexpected arguments {sorted(unknown)}")
-        refuse_retired(**retired)
+        query_memory_bank_size = legacy_arguments("ContAccumLoss", retired, query_memory_bank_size)
         if settings is None:
             settings = ContAccumSettings(memory_bank_size, query_memory_bank_size, similarity, temperature,
                                          bank_hard_negatives, mask_false_negatives, gather_across_devices,
@@ -115,7 +97,7 @@ class ContAccumLoss(nn.Module):
         n = queries.shape[0]
         if hard_negatives is not None and hard_negatives.shape[1] == 0:
             hard_negatives = hard_negative_keys = None
-        _check_inputs(queries, positives, positive_keys, hard_negatives, hard_negative_keys)
+        check_inputs(queries, positives, positive_keys, hard_negatives, hard_negative_keys, self.bank.dim)
         # hooks go on per-call aliases: a hook on a leaf the caller reuses would stay and pile up
         queries, positives, hard_negatives = (t.view_as(t) if t is not None and t.requires_grad else t
                                               for t in (queries, positives, hard_negatives))
@@ -138,7 +120,7 @@ class ContAccumLoss(nn.Module):
             hn_all = gather_with_grad(hard_negatives) if hard_negatives is not None else None
         # autocast off: fp32 logits, and the products read the bank in place (under bf16 autocast each product
         # cast the bank to bf16 and kept that copy for its backward)
-        with _autocast_off(queries.device.type):
+        with autocast_off(queries.device.type):
             if self.extended:
                 needs_queries = set(self.objective.directions) & {"query_to_query", "doc_to_query"}
                 q_all = gather_with_grad(queries) if size > 1 and needs_queries else q_bank if size > 1 else queries
@@ -147,7 +129,7 @@ class ContAccumLoss(nn.Module):
                     None if hn_all is None else self.prepare(hn_all), hk_all, training, rank, size)
                 stats = LossStats(counted, columns, math.log(columns), banked_columns)
             else:
-                loss, stats, bank_readers = self._infonce(queries, p_all, pk_all, hn_all, hk_all, training, rank, size)
+                loss, stats, bank_readers = infonce(self, queries, p_all, pk_all, hn_all, hk_all, training, rank, size)
         self.last_stats = stats
         if training:
             self.finite.track(loss)
@@ -158,60 +140,6 @@ class ContAccumLoss(nn.Module):
         elif not torch.isfinite(loss):
             raise nonfinite_error(f"contrastive loss is {loss.item()}", last_good=False)
         return loss
-
-    def _infonce(self, queries, passages, passage_keys, hard_negatives, hard_negative_keys, use_bank, rank, world_size):
-        """Mean InfoNCE over all rows, and the tensors whose backward reads the bank. With R processes the passages
-        and keys are gathered (R*n rows, rank order): query i's positive is passages[rank*n + i]. Each rank counts its
-        own query rows and every R-th banked row, scaled by R, so that DDP's gradient average is the gradient of the
-        one global mean over R*n + banked rows."""
-        q, p = self.prepare(queries), self.prepare(passages)  # q is never a leaf: forward aliased the queries
-        n = q.shape[0]
-        cols, keys = [p], [passage_keys]
-        if hard_negatives is not None:
-            cols.append(self.prepare(hard_negatives).flatten(0, 1))
-            keys.append(hard_negative_keys.flatten())
-        cur_cols, cur_keys = torch.cat(cols), torch.cat(keys)
-        bank = self.bank
-        banked = use_bank and bank.fill > 0
-        own = slice(rank * n, rank * n + n)  # this rank's positives among the current columns
-        targets = torch.arange(own.start, own.stop, device=q.device)
-        logits, all_keys = score(q, cur_cols, self.similarity) / self.temperature, cur_keys
-        if banked:  # banked columns: a separate product, so the bank is read in place, never copied
-            bvecs, bkeys = bank.columns()
-            logits = torch.cat([logits, q @ bvecs.flatten(0, 1).T / self.temperature], 1)
-            all_keys = torch.cat([cur_keys, bkeys.flatten()])
-        masked = None
-        if self.mask_false_negatives:
-            same = all_keys[None] == passage_keys[own][:, None]
-            same[:, own].diagonal().fill_(False)  # each row keeps its own positive
-            logits = logits.masked_fill(same, NEG_INF)
-            masked = same.sum() if use_bank else None
-        total = F.cross_entropy(logits, targets, reduction="sum")
-        num_rows = counted = n * world_size  # every rank's current rows count in the global mean
-        if banked and self.query_bank_size > 0:
-            if self.query_bank_size >= bank.fill:
-                rows, total_bank_rows = slice(rank, bank.fill, world_size), bank.fill  # a slice: no copy
-            else:
-                newest = bank.newest(self.query_bank_size)
-                rows, total_bank_rows = newest[rank::world_size], len(newest)
-            num_bank_rows = len(range(*rows.indices(bank.size))) if isinstance(rows, slice) else len(rows)
-            num_rows += total_bank_rows  # this rank's banked rows and the other ranks' share
-            if num_bank_rows:
-                # (banked rows, columns) logits: scaled on the small side and masked in place (the product's backward
-                # does not read it), so the only banked-row temporaries are this one and logsumexp's
-                cur_logits = bank.queries[rows] @ (cur_cols.T / self.temperature)
-                if self.mask_false_negatives:
-                    cur_logits.masked_fill_(cur_keys[None] == bank.passage_keys[rows][:, None], NEG_INF)
-                banked_lse = self.cache.row_lse(bank, rows)  # cached: the row's banked columns, its positive included
-                total = total + (torch.logaddexp(cur_logits.logsumexp(-1), banked_lse)
-                                 - self.cache.row_positive_logit(rows)).sum()
-            counted += total_bank_rows
-        num_banked = logits.shape[1] - cur_cols.shape[0]
-        stats = LossStats(counted, logits.shape[1], math.log(logits.shape[1]), num_banked, masked,
-                          n * (logits.shape[1] - 1))
-        # q @ banked columns saved the banked passages (for q's gradient); banked rows @ current columns saved the
-        # banked queries (for the columns' gradient): once both gradients exist, the bank is free to change.
-        return (total * world_size if world_size > 1 else total) / num_rows, stats, (q, cur_cols)
 
     # -- the bank ----------------------------------------------------------------------
     def _enqueue_after_backward(self, bank_readers, entry) -> None:
@@ -305,34 +233,3 @@ class ContAccumLoss(nn.Module):
                              f"{self.query_bank_size}: resume with the same query_memory_bank_size")
         self.cache.load_state_dict(state["lse_cache"])
         self.staleness.load_state_dict(state["staleness"])
-
-
-def _autocast_off(device_type: str):
-    return torch.autocast(device_type, enabled=False)
-
-
-def check_bank_fits(size: int, per_process: int, processes: int = 1) -> None:
-    """A bank smaller than one (gathered) micro-batch would be overwritten before anything reads it."""
-    rows = per_process * processes
-    if 0 < size < rows:
-        where = f" ({processes} processes x {per_process})" if processes > 1 else ""
-        raise ValueError(
-            f"memory_bank_size={size} is smaller than one micro-batch of {rows} pairs{where}: each micro-batch "
-            f"would overwrite the bank before anything reads it. Use memory_bank_size >= {rows} (about the pairs of "
-            "one optimizer step, 'auto', is a good start) or 0 for plain gradient accumulation")
-
-
-def _check_inputs(queries, positives, positive_keys, hard_negatives, hard_negative_keys) -> None:
-    n = queries.shape[0]
-    if queries.dim() != 2 or positives.dim() != 2 or positives.shape != queries.shape:
-        raise ValueError(f"queries {tuple(queries.shape)} and positives {tuple(positives.shape)} must both be "
-                         "(n, d): one positive per query")
-    if positive_keys is not None and tuple(positive_keys.shape) != (n,):
-        raise ValueError(f"positive_keys has shape {tuple(positive_keys.shape)}, expected ({n},)")
-    if hard_negatives is not None:
-        if hard_negatives.dim() != 3 or hard_negatives.shape[0] != n or hard_negatives.shape[2] != queries.shape[1]:
-            raise ValueError(f"hard_negatives has shape {tuple(hard_negatives.shape)}, expected ({n}, H, "
-                             f"{queries.shape[1]}): H hard negatives per query")
-        if hard_negative_keys is not None and tuple(hard_negative_keys.shape) != tuple(hard_negatives.shape[:2]):
-            raise ValueError(f"hard_negative_keys has shape {tuple(hard_negative_keys.shape)}, expected "
-                             f"{tuple(hard_negatives.shape[:2])}")

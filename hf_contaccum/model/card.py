@@ -23,7 +23,7 @@ def _versions():
     import torch
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"hf_contaccum": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
             "accelerate": accelerate.__version__, "datasets": datasets.__version__,

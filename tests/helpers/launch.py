@@ -30,3 +30,24 @@ def launch(cmd, timeout=240, check=True):
                       f"{proc.stderr[-1500:]}")
     assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+DIST_WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workers", "dist_worker.py")
+DIST_CONFIG = {"rows": 48, "negatives": 1, "bank_chunk_size": 3, "args": {  # small cache chunks: every edge case
+    "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 4, "memory_bank_size": 10,
+    "bank_hard_negatives": True, "mask_false_negatives": True}}
+
+
+def launch_dist_worker(tmp_path, config, launcher="torchrun", timeout=240):
+    """workers/dist_worker.py on 2 CPU processes; returns its result.json and the gathered parameters."""
+    import json
+
+    import torch
+
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher]
+    cmd += [DIST_WORKER, str(tmp_path), json.dumps(config)]
+    launch(cmd, timeout=timeout)
+    return json.loads((tmp_path / "result.json").read_text()), torch.load(tmp_path / "params.pt")
