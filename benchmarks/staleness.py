@@ -57,7 +57,10 @@ def diagnostics(n_total: int, factor: int) -> dict:
     through its extra banked rows (stale queries that push the current passages) from what it costs through
     its extra columns (more negatives per query)."""
     k, big = n_total // N_LOCAL, factor * n_total
-    return {f"contaccum-{big}-query-bank-{n_total}": (N_LOCAL, k, n_total, big, None, 1)}
+    unguarded = {"collapse_patience": 0}  # the whole loss curve, for benchmarks/collapse_guard.py to replay
+    return {f"contaccum-{big}-query-bank-{n_total}": (N_LOCAL, k, n_total, big, None, 1),
+            f"contaccum-{big}-query-bank-{n_total}-unguarded": (N_LOCAL, k, n_total, big, None, 1, unguarded),
+            f"contaccum-{big}-passage-only-unguarded": (N_LOCAL, k, 0, big, None, 1, unguarded)}
 
 
 def choose(n_total: int, factor: int, steps: int, names: str | None) -> dict:

@@ -1,4 +1,5 @@
 """Model card, push_to_hub with a mocked HfApi (no network), and the three loading routes."""
+import json
 import os
 from pathlib import Path
 from unittest import mock
@@ -207,3 +208,48 @@ def test_models_without_adapters_do_not_need_peft(monkeypatch, tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "saved")
     assert BiEncoder.from_pretrained(tmp_path / "saved").config.peft_config is None
+
+
+def test_a_sentence_transformers_folder_brings_its_own_settings(tmp_path, tokenizer):
+    """BiEncoder.from_pretrained and the CLI read a sentence-transformers folder's pooling, normalisation, similarity
+    and length (from_pretrained on such a folder used to fail: AutoConfig found no model_type); flags given win."""
+    from helpers.st import save_encoder
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    from hf_contaccum.cli.train import ModelArguments, build_model
+    from hf_contaccum.integrations.training_args import ContAccumTrainingArguments
+
+    folder = tmp_path / "st"
+    st = SentenceTransformer(modules=[Transformer(save_encoder(tmp_path), max_seq_length=48),
+                                      Pooling(16, pooling_mode="cls"), Normalize()], device="cpu")
+    st.save(str(folder))
+    model = BiEncoder.from_pretrained(str(folder))
+    assert (model.config.pooling, model.config.normalize, model.config.similarity) == ("cls", True, "cos")
+    assert model.config.shared and model.config.passage_max_length == 48
+    texts = ["kilo lima mike", "oscar"]
+    assert torch.allclose(model.encode_passages(texts), torch.tensor(st.encode(texts)), atol=1e-5)
+    args = ContAccumTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    built = build_model(ModelArguments(model_name_or_path=str(folder)), args, given=set())
+    assert built.config.shared and built.config.pooling == "cls" and args.similarity == "cos"
+    assert args.temperature_value == 0.05 and args.passage_max_length == 48
+    explicit = ContAccumTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    built = build_model(ModelArguments(model_name_or_path=str(folder), pooling="mean", shared_encoder=False),
+                        explicit, given={"pooling", "shared_encoder"})
+    assert built.config.pooling == "mean" and not built.config.shared
+
+
+def test_a_saved_model_encodes_at_the_lengths_it_trained_at(tmp_path, tokenizer, toy_dataset):
+    model = tiny_model()
+    model.tokenizer = tokenizer
+    args = trainer_args(tmp_path, max_steps=1, query_max_length=8, passage_max_length=12)
+    ContAccumTrainer(model=model, args=args, train_dataset=toy_dataset(8), processing_class=tokenizer).train()
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = BiEncoder.from_pretrained(tmp_path / "saved")
+    assert (reloaded.config.query_max_length, reloaded.config.passage_max_length) == (8, 12)
+    long = ["a much longer passage text than twelve characters"]
+    assert torch.allclose(reloaded.encode_passages(long), model.cpu().encode_passages(long), atol=1e-6)
+    assert torch.allclose(reloaded.encode_passages(long), reloaded.encode_passages(long, max_length=12), atol=1e-6)
+    assert not torch.allclose(reloaded.encode_passages(long), reloaded.encode_passages(long, max_length=40), atol=1e-4)
+    st_config = json.loads((tmp_path / "saved" / "query_encoder" / "sentence_bert_config.json").read_text())
+    assert st_config["max_seq_length"] == 12

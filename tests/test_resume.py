@@ -3,23 +3,18 @@ and the same for two processes."""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from helpers.launch import DIST_CONFIG as CONFIG
 from helpers.launch import launch_dist_worker as _launch
+from helpers.launch import run_resume_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-WORKER = os.path.join(os.path.dirname(__file__), "workers", "resume_worker.py")
 
 
-def _run(out, kill_at=-1, resume=""):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    return subprocess.run([sys.executable, WORKER, str(out), str(kill_at), resume], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+_run = run_resume_worker
 
 
 def test_sigkill_mid_training_then_resume_continues_exactly(tmp_path):
@@ -53,3 +48,18 @@ def test_two_process_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(value, resumed_params[name]), name
     assert full["checksums"] == resumed["checksums"]
     assert full["losses"][2:] == resumed["losses"][-2:]
+    # one process resuming the two processes' checkpoint: each bank file says how many processes made it
+    from datasets import Dataset
+    from helpers.data import toy_rows
+    from helpers.models import make_tokenizer, tiny_model
+    from helpers.trainers import trainer_args
+
+    from hf_contaccum import ContAccumTrainer
+    from hf_contaccum.core.checkpoint import BankFileError
+
+    args = dict(config["args"], per_device_train_batch_size=4, use_cpu=True)
+    single = ContAccumTrainer(model=tiny_model(), args=trainer_args(tmp_path / "single", **args),
+                              train_dataset=Dataset.from_list(toy_rows(CONFIG["rows"], CONFIG["negatives"])),
+                              processing_class=make_tokenizer(tmp_path))
+    with pytest.raises(BankFileError, match="saved by a run of 2 processes, this run has 1"):
+        single.train(resume_from_checkpoint=resume_from)

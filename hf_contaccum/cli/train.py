@@ -172,7 +172,10 @@ def main(argv=None):
         model_args, data, args = parser.parse_yaml_file(sys.argv[1]) if sys.argv[1].endswith(".yaml") \
             else parser.parse_json_file(sys.argv[1])
     else:
-        model_args, data, args = parser.parse_args_into_dataclasses(args=argv)
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # exit status 2, as argparse's own
+        model_args, data, args = parsed
     argv_given = sys.argv[1:] if argv is None else argv
     given = {a[2:].split("=", 1)[0] for a in argv_given if a.startswith("--")}
     if isinstance(args.resume_from_checkpoint, str) and args.resume_from_checkpoint.lower() in ("true", "latest"):

@@ -8,6 +8,7 @@ any difference. What is guaranteed and which tests prove it: docs/reliability.md
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import uuid
@@ -148,8 +149,15 @@ def load_bank(loss, directory: str, *, name: str = "", rank: int = 0, processes:
 
 
 def is_torn(path: str) -> bool:
-    """A checkpoint folder the Trainer did not finish: without trainer_state.json, its last file."""
-    return os.path.isdir(path) and not os.path.exists(os.path.join(path, TRAINER_STATE))
+    """A checkpoint folder the Trainer did not finish: its last file, trainer_state.json, missing or cut short."""
+    if not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return True
+    return False
 
 
 def set_torn_aside(output_dir: str) -> list[tuple[str, str]]:

@@ -85,5 +85,11 @@ class ColumnMap:
                 raise BadRow(where, column, f"holds {type(value).__name__} {value!r}, expected text", text_fix(column))
             if not value.strip():
                 raise BadRow(where, column, "is empty", text_fix(column))
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise BadRow(where, column, f"holds invalid Unicode (a lone surrogate at character {err.start})",
+                             "repair the text where it was decoded (e.g. open files with encoding='utf-8' and "
+                             "errors='replace')") from None
         ids = [row.get("positive_id")] + [i for _, _, i in negs]
         return row[self.query], row[self.positive], [v for _, v, _ in negs], ids[0], ids[1:]

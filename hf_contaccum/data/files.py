@@ -127,6 +127,9 @@ def load_training_file(path: str):
     options = {}
     if suffix in ("csv", "tsv", "jsonl", "json"):
         _check_utf8(path)
+        with open(path, encoding="utf-8") as f:
+            if not any(line.strip() for line in f):
+                raise ValueError(f"{path} holds only blank lines: give it at least one (query, positive) row")
     if suffix in ("csv", "tsv"):
         delimiter = "\t" if suffix == "tsv" else ","
         options = {"delimiter": delimiter, "keep_default_na": False, "na_values": [""]}  # "NA", "null": text

@@ -90,7 +90,9 @@ def _check_rows(rows, name, max_hard_negatives):
 
 
 def checked_stream(dataset, name: str = "train_dataset", max_hard_negatives: int | None = None):
-    """An IterableDataset that checks every row as it streams, naming the global row index."""
+    """An IterableDataset that checks every row as it streams. Its row numbers count from the start of the stream;
+    read by several DataLoader workers, each numbers the rows of its own shards (a stream's shards have no known
+    sizes), and the error says which worker and shards, and quotes the row."""
     columns = None  # read from the first row, once
 
     def check(row, index):
@@ -98,12 +100,27 @@ def checked_stream(dataset, name: str = "train_dataset", max_hard_negatives: int
         if columns is None:
             columns = ColumnMap.from_columns(row.keys(), name)
         try:
-            columns.texts(row, index, max_hard_negatives)
+            columns.texts(row, _stream_row(index), max_hard_negatives)
         except BadRow as bad:
-            raise ValueError(f"{name} {bad}") from None
+            raise ValueError(f"{name} {bad} (the row: {_quote(row)})") from None
         return row
 
     return dataset.map(check, with_indices=True)
+
+
+def _stream_row(index: int) -> str:
+    from torch.utils.data import get_worker_info
+
+    worker = get_worker_info()
+    if worker is None or worker.num_workers == 1:
+        return f"row {index}"
+    return (f"row {index} of DataLoader worker {worker.id} of {worker.num_workers} (its shards: {worker.id}, "
+            f"{worker.id} + {worker.num_workers}, ...; with dataloader_num_workers=0 rows count from the stream's "
+            "start)")
+
+
+def _quote(row: dict) -> str:
+    return ", ".join(f"{key}={str(value)[:40]!r}" for key, value in list(row.items())[:3])
 
 
 def _check_arrow(dataset, name, max_hard_negatives):
@@ -113,22 +130,12 @@ def _check_arrow(dataset, name, max_hard_negatives):
         raise ValueError(f"{name} is empty: give it at least one (query, positive) row")
     columns = ColumnMap.from_columns(dataset.column_names, name)
     problems = _Problems(name)
-    # Work on the stored table, slice by slice (zero-copy), and bring the per-row results into the
-    # dataset's own order at the end: a shuffled or filtered dataset is a table plus an index mapping.
-    table = dataset.data
-    order = dataset._indices.column(0).to_numpy() if getattr(dataset, "_indices", None) is not None else None
     masks: dict = {}
-    counts = []
-    for offset in range(0, table.num_rows, BATCH_ROWS):
-        part = table.slice(offset, BATCH_ROWS)
-        counts.append(_check_columns(part, columns, masks))
+    # the dataset's rows in its own order (a shuffled or filtered one too), as Arrow tables of BATCH_ROWS rows
+    counts = [_check_columns(part, columns, masks) for part in dataset.with_format("arrow").iter(BATCH_ROWS)]
     counts = np.concatenate(counts)
-    if order is not None:
-        counts = counts[order]
     for (column, problem, fix), parts in masks.items():
-        mask = np.concatenate(parts)
-        rows = np.flatnonzero(mask[order] if order is not None else mask)
-        problems.add(column, problem, fix, rows.tolist())
+        problems.add(column, problem, fix, np.flatnonzero(np.concatenate(parts)).tolist())
     problems.raise_if_any()
     if max_hard_negatives is not None:
         counts = np.minimum(counts, max_hard_negatives)
@@ -137,10 +144,35 @@ def _check_arrow(dataset, name, max_hard_negatives):
     return DataCheck(len(dataset), int(counts[0]))
 
 
+def _text_values(values, record, column, rows):
+    """`values` as an Arrow string array, recording the rows that hold something else; None when no row is text."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+
+    if pa.types.is_null(values.type):  # every value missing
+        return values.cast(pa.string())
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return values
+    if isinstance(values.type, pa.BaseExtensionType) and pa.types.is_string(values.type.storage_type):
+        # datasets' Json: a column of mixed types (text in most rows, a number in a few), stored as JSON text
+        decoded = [None if v is None else json.loads(v) for v in values.storage.to_pylist()]
+        bad = np.array([v is not None and not isinstance(v, str) for v in decoded])
+        example = next((v for v in decoded if v is not None and not isinstance(v, str)), None)
+        record(column, f"holds {type(example).__name__} {example!r} where text is expected", NOT_TEXT_FIX, bad)
+        return pa.array([v if isinstance(v, str) else None for v in decoded], pa.string())
+    record(column, f"holds {values.type} values, expected text", NOT_TEXT_FIX, np.ones(rows, dtype=bool))
+    return None
+
+
+NOT_TEXT_FIX = ("make the column text: in a .csv/.tsv/.jsonl file quote its values (\"5\" rather than 5), in Python "
+                "dataset.cast_column(name, datasets.Value('string'))")
+
+
 def _check_columns(part, columns, masks):
     """Per-row problem masks of one slice (appended to `masks`) and its hard-negative counts."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     def record(column, problem, fix, mask):  # mask: an Arrow boolean array (nulls count as fine) or numpy
@@ -148,18 +180,9 @@ def _check_columns(part, columns, masks):
             mask = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
         masks.setdefault((column, problem, fix), []).append(mask)
 
-    def text_values(column, values):
-        if pa.types.is_null(values.type):  # every value missing
-            values = values.cast(pa.string())
-        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-            return values
-        record(column, f"holds {values.type} values, expected text",
-               "convert the column to strings (dataset.cast_column) or rename it", np.ones(part.num_rows, dtype=bool))
-        return None
-
     h = np.zeros(part.num_rows, dtype=np.int64)
     for column in [columns.query, columns.positive, *columns.negatives]:
-        values = text_values(column, part.column(column))
+        values = _text_values(part.column(column).combine_chunks(), record, column, part.num_rows)
         if values is None:
             continue
         present = pc.is_valid(values)
@@ -171,7 +194,7 @@ def _check_columns(part, columns, masks):
     if columns.negative_list:
         lists = part.column(columns.negative_list).combine_chunks()
         h = np.asarray(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
-        flat = text_values(columns.negative_list, pc.list_flatten(lists))
+        flat = _text_values(pc.list_flatten(lists), lambda *a: None, columns.negative_list, 0)
         if flat is not None:
             bad = pc.fill_null(pc.or_kleene(pc.is_null(flat), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(flat)),
                                                                          0)), True)
@@ -181,3 +204,36 @@ def _check_columns(part, columns, masks):
             record(columns.negative_list, "holds an empty or missing hard negative", text_fix(columns.negative_list),
                    mask)
     return h
+
+
+def check_text_columns(dataset, name: str, skip=("label", "score", "dataset_name")) -> None:
+    """Every column but `skip` holds text in every row, none empty (sentence-transformers' columns: anchor, positive,
+    negatives, by position). Raises ValueError naming the row, the column and the fix."""
+    import datasets
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if isinstance(dataset, dict):
+        for key, part in dataset.items():
+            check_text_columns(part, f"{name}[{key!r}]", skip)
+        return
+    if not isinstance(dataset, datasets.Dataset):
+        return  # a stream: checked where the loss meets its rows
+    problems, masks = _Problems(name), {}
+
+    def record(column, problem, fix, mask):
+        if not isinstance(mask, np.ndarray):
+            mask = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+        masks.setdefault((column, problem, fix), []).append(mask)
+
+    texts = [c for c in dataset.column_names if c not in skip]
+    for part in dataset.with_format("arrow").iter(BATCH_ROWS):
+        for column in texts:
+            values = _text_values(part.column(column).combine_chunks(), record, column, part.num_rows)
+            if values is not None:
+                record(column, "is missing (null)", text_fix(column), pc.is_null(values))
+                record(column, "is empty", text_fix(column),
+                       pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+    for (column, problem, fix), parts in masks.items():
+        problems.add(column, problem, fix, np.flatnonzero(np.concatenate(parts)).tolist())
+    problems.raise_if_any()

@@ -36,16 +36,17 @@ def resolve_resume(output_dir: str, resume) -> str | None:
                       if e.startswith("checkpoint-") and is_torn(os.path.join(output_dir, e)))
         latest = latest_checkpoint(output_dir)
         if torn:
-            logger.warning("skipping torn checkpoint(s) %s in %s (no trainer_state.json: the process was stopped "
-                           "while writing them); resuming from %s", ", ".join(torn), output_dir, latest)
+            logger.warning("skipping torn checkpoint(s) %s in %s (trainer_state.json missing or cut short: the "
+                           "process was stopped while writing them); resuming from %s", ", ".join(torn), output_dir,
+                           latest)
         if latest is None:
             raise ValueError(f"resume_from_checkpoint=True, but {output_dir} holds no complete checkpoint"
                              f"{' (only torn ones: ' + ', '.join(torn) + ')' if torn else ''}")
         return latest
     if is_torn(resume):
-        raise ValueError(f"{resume} is a torn checkpoint: {os.path.join(resume, 'trainer_state.json')} is missing "
-                         "(the process was stopped while writing it). Resume from an earlier checkpoint, or pass "
-                         "resume_from_checkpoint=True for the newest complete one")
+        raise ValueError(f"{resume} is a torn checkpoint: {os.path.join(resume, 'trainer_state.json')} is missing or "
+                         "cut short (the process was stopped while writing it). Resume from an earlier checkpoint, or "
+                         "pass resume_from_checkpoint=True for the newest complete one")
     return resume
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from transformers import Trainer
 
+from ..core.bank import bank_bytes
+from ..core.memory import check_fits
+from ..data.validation import check_text_columns
 from .lifecycle import ContAccumCallback, resolve_resume
 
 MAX_DEPTH = 40
@@ -91,6 +94,8 @@ def attach(trainer: Trainer) -> ContAccumCallback:
     processes = args.world_size
     original = trainer.train
 
+    check_text_columns(trainer.train_dataset, "train_dataset")  # before anything reads it: row, column and fix
+
     def train(resume_from_checkpoint=None, **kwargs):
         for name, loss in contaccum_losses(trainer.loss):
             gathered = processes if loss.gather_across_devices else 1
@@ -112,7 +117,9 @@ def _build_banks(trainer, loss) -> None:
         wrapper, "matryoshka_dims", None))]
     dims = list(widths[0]) if widths else [loss._full_width()]
     for width in dims:
-        loss.bank_for(int(width))
+        core = loss.bank_for(int(width))
+        check_fits(bank_bytes(core.bank.size, int(width)), trainer.args.device,
+                   f"memory_bank_size={core.bank.size} (vectors of width {width})")
     if widths and (loss._settings.bank_refresh_steps or loss._settings.bank_drift_probe):
         raise ValueError("bank_refresh_steps and bank_drift_probe re-encode texts with the model, which a "
                          "MatryoshkaLoss or AdaptiveLayerLoss patches between calls: set both to 0 with these wrappers")

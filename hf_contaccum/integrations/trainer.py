@@ -14,7 +14,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from ..core.bank import bank_bytes
 from ..core.gradcache import GradCache
+from ..core.memory import check_fits
 from ..core.loss import ContAccumLoss, check_bank_fits
 from ..data.collator import ContrastiveCollator, side_features, split_passages, tokenize_once
 from ..data.validation import check_dataset, checked_stream
@@ -80,6 +82,11 @@ class ContAccumTrainer(Trainer):
         if args.gradcache_chunk_size:
             check_engine_supports_gradcache()
         check_bank_fits(args.memory_bank_size, args.per_device_train_batch_size, gathered)
+        width = (getattr(getattr(model, "config", None), "encoder_config", None) or {}).get("hidden_size")
+        if width and args.memory_bank_size:  # the bank's memory, before anything trains (its allocation checks again)
+            banked = (data_check.num_hard_negatives or 0) if data_check is not None and args.bank_hard_negatives else 0
+            check_fits(bank_bytes(args.memory_bank_size, width, banked), args.device,
+                       f"memory_bank_size={args.memory_bank_size} (vectors of width {width})")
         self.num_hard_negatives = data_check.num_hard_negatives if data_check is not None else None
         if data_check is not None and data_check.num_rows is not None:
             _warn_about_size(data_check.num_rows, args.per_device_train_batch_size * gathered *

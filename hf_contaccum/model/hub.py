@@ -8,6 +8,7 @@ import re
 from transformers import AutoTokenizer
 
 ST_POOLING = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "last": "pooling_mode_lasttoken"}
+ST_POOLING_MODE = {"cls": "cls", "mean": "mean", "lasttoken": "last"}  # sentence-transformers 6's pooling_mode
 ST_SIMILARITY = {"dot": "dot", "cos": "cosine"}  # ours -> sentence-transformers' similarity_fn_name
 
 
@@ -59,7 +60,8 @@ def read_sentence_transformers_folder(path: str) -> dict | None:
         return None
     encoder = os.path.join(path, kinds["Transformer"]["path"])
     pooling_config = _read_json(os.path.join(path, kinds["Pooling"]["path"], "config.json"))
-    pooling = next((name for name, key in ST_POOLING.items() if pooling_config.get(key)), None)
+    pooling = next((name for name, key in ST_POOLING.items() if pooling_config.get(key)), None) or \
+        ST_POOLING_MODE.get(pooling_config.get("pooling_mode"))  # sentence-transformers 6 writes one name
     if pooling is None:
         raise ValueError(f"{path}: its Pooling module ({pooling_config}) is none of {tuple(ST_POOLING)}, the "
                          "poolings a BiEncoder has")
@@ -70,9 +72,13 @@ def read_sentence_transformers_folder(path: str) -> dict | None:
     prompts = st_config.get("prompts") or {}
     prompts = {side: prompts[key] for side, key in (("query", "query"), ("passage", "document"), ("passage", "passage"))
                if prompts.get(key)}
+    max_length = _read_json(bert_config).get("max_seq_length") if os.path.isfile(bert_config) else None
+    tokenizer_config = os.path.join(encoder, "tokenizer_config.json")
+    if max_length is None and os.path.isfile(tokenizer_config):  # sentence-transformers 6 keeps it there
+        max_length = _read_json(tokenizer_config).get("model_max_length")
+        max_length = max_length if isinstance(max_length, int) and max_length < 10**6 else None  # (1e30: unset)
     return {"encoder": encoder, "pooling": pooling, "normalize": "Normalize" in kinds,
-            "similarity": similarity or "cos", "prompts": prompts,
-            "max_seq_length": _read_json(bert_config).get("max_seq_length") if os.path.isfile(bert_config) else None}
+            "similarity": similarity or "cos", "prompts": prompts, "max_seq_length": max_length}
 
 
 def saved_tokenizer(source: str):

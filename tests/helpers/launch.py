@@ -51,3 +51,13 @@ def launch_dist_worker(tmp_path, config, launcher="torchrun", timeout=240):
     cmd += [DIST_WORKER, str(tmp_path), json.dumps(config)]
     launch(cmd, timeout=timeout)
     return json.loads((tmp_path / "result.json").read_text()), torch.load(tmp_path / "params.pt")
+
+
+RESUME_WORKER = os.path.join(os.path.dirname(DIST_WORKER), "resume_worker.py")
+
+
+def run_resume_worker(out, kill_at=0, resume=""):
+    """workers/resume_worker.py in its own process: kill_at N > 0 kills it at step N's end, -N while checkpoint-N's
+    last file is written; resume: a checkpoint folder, or "True" for the newest complete one."""
+    return subprocess.run([sys.executable, RESUME_WORKER, str(out), str(kill_at), resume], env=worker_env(),
+                          capture_output=True, text=True, timeout=300, check=False)

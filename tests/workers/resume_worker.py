@@ -1,4 +1,5 @@
-"""Launched by tests/test_resume.py: train, optionally SIGKILL itself at a step, or resume."""
+"""Launched by tests/test_resume.py and tests/test_faults.py: train, optionally SIGKILL itself at a step's end or
+while writing a checkpoint's last file (a torn checkpoint), or resume ("True": the newest complete checkpoint)."""
 import os
 import signal
 import sys
@@ -22,10 +23,31 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final save: a crash
 
 
+def tear_at(step):
+    """SIGKILL while the Trainer writes checkpoint-<step>'s trainer_state.json: everything else of it is written."""
+    from transformers.trainer_callback import TrainerState
+
+    save = TrainerState.save_to_json
+
+    def save_or_die(self, path):
+        if f"checkpoint-{step}" in str(path):
+            with open(path, "w") as f:
+                f.write("{")  # half a file, then gone
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(self, path)
+
+    TrainerState.save_to_json = save_or_die
+
+
 def main(out_dir, kill_at, resume):
     from datasets import Dataset
 
     from hf_contaccum import ContAccumTrainer
+
+    if kill_at < 0:  # -N: tear checkpoint-N
+        tear_at(-kill_at)
+    if resume == "True":
+        resume = True
 
     args = trainer_args(Path(out_dir), memory_bank_size=12, bank_hard_negatives=True, gradient_accumulation_steps=2,
                         max_steps=6, save_strategy="steps", save_steps=2, train_sampling_strategy="random",
