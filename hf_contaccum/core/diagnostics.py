@@ -18,9 +18,11 @@ COLLAPSE_SPREAD = 1e-4  # total variance of unit vectors below which a batch cou
 UNIFORM_LOSS = 0.99  # loss / log(candidates) above which every candidate scores alike
 LEARNED_LOSS = 0.9  # ... and below which the run had learned something
 STUCK_PATIENCE_FACTOR = 5  # a run that never leaves the uniform loss, reading the bank: 5 x patience steps
-# degeneration: the step's loss ratio, smoothed over SMOOTHING steps, this far above its lowest smoothed value
+# degeneration: the step's loss ratio, smoothed over SMOOTHING steps, this far above its lowest smoothed value (a
+# warning), and for RISE_PATIENCE_FACTOR x patience steps this far (a stop); margins over the healthy runs replayed
+# by benchmarks/collapse_guard.py (docs/reliability.md#the-collapse-guard)
 SMOOTHING = 10
-RISE_WARN, RISE_STOP = 0.25, 0.45
+RISE_WARN, RISE_STOP, RISE_PATIENCE_FACTOR = 0.25, 0.35, 2
 
 
 class EmbeddingCollapseError(RuntimeError):
@@ -120,7 +122,8 @@ class TrainingDiagnostics:
         `patience` steps (duplicate texts, not a collapse); EmbeddingCollapseError when every vector was the
         same, or the loss was back at log(candidates) after the run had learned, for `patience` steps, or never
         left it while reading the bank for STUCK_PATIENCE_FACTOR x `patience`, or when the smoothed loss ratio
-        climbed RISE_STOP above its lowest value for 3 x `patience` (after a warning at RISE_WARN)."""
+        climbed RISE_STOP above its lowest value for RISE_PATIENCE_FACTOR x `patience` (after a warning at
+        RISE_WARN)."""
         window, self._window = self._window, {}
         if patience <= 0 or not window.get("micro_batches") and not window.get("maskable"):
             return
@@ -155,7 +158,7 @@ class TrainingDiagnostics:
             what = (f"the loss was {ratio:.3f} x its value when every candidate scores the same while reading the "
                     f"memory bank, and never below {self._lowest_loss_ratio:.3f} x: the bank keeps every vector "
                     "from separating")
-        elif rise is not None and self._rise_steps >= 3 * patience:
+        elif rise is not None and self._rise_steps >= RISE_PATIENCE_FACTOR * patience:
             steps = self._rise_steps
             what = (f"the loss climbed from {rise[1]:.3f} to {rise[0]:.3f} x its value when every candidate scores "
                     "the same (smoothed over 10 steps) and stayed there: training is undoing what it learned")
