@@ -64,5 +64,11 @@ def main(argv=None):
     return before, after
 
 
+def run() -> int:
+    """The console script: exit status 0 when the quick start finished."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

@@ -82,6 +82,19 @@ def read_qrels(path) -> dict:
     return qrels
 
 
+def read_beir_folder(folder: str, split: str = "test") -> tuple[dict, dict, dict]:
+    """(corpus, queries, qrels) of a BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv; the queries kept
+    are those the qrels judge."""
+    paths = {name: os.path.join(folder, name) for name in ("corpus.jsonl", "queries.jsonl")}
+    paths["qrels"] = os.path.join(folder, "qrels", f"{split}.tsv")
+    missing = [path for path in paths.values() if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a BEIR folder: {', '.join(missing)} missing")
+    qrels = read_qrels(paths["qrels"])
+    queries = {qid: text for qid, text in read_queries(paths["queries.jsonl"]).items() if qid in qrels}
+    return read_corpus(paths["corpus.jsonl"]), queries, qrels
+
+
 # -- training data files ----------------------------------------------------------------
 TRAIN_SUFFIXES = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv"}
 POSITIONAL = ("query", "positive")  # a header-less table's first columns; then negative_1, negative_2, ...

@@ -191,3 +191,40 @@ def naive_extended_loss(q, d, hn, bq, bd, bhn, scale, similarity, directions=("q
     else:
         log_z = torch.stack([matrix.logsumexp(1) for matrix in chosen]).mean(0)
     return (log_z - target).mean()
+
+
+def naive_mining(rows, corpus_texts, encoder, num_negatives=3, range_min=0, range_max=None, max_score=None,
+                 min_score=None, absolute_margin=None, relative_margin=None, rescore=None):
+    """Hard-negative mining written out with numpy in float64: every query scored against the whole corpus, the
+    top range_max + positives + 1 kept as candidates (sentence-transformers' pool), the query and its positives (by
+    text) dropped, the filters applied, ranks range_min to range_max, the best num_negatives. Returns {query: [texts
+    of its negatives, best first]}. rescore(query, texts) -> scores replaces the model's scores (a cross-encoder)."""
+    import numpy as np
+
+    queries = list(dict.fromkeys(r["query"] for r in rows))
+    corpus = list(dict.fromkeys(list(corpus_texts) + [r["positive"] for r in rows]))
+    positives = {q: [r["positive"] for r in rows if r["query"] == q] for q in queries}
+    most = max(len(set(p)) for p in positives.values())
+    filtered = any(v is not None for v in (absolute_margin, relative_margin, max_score))
+    range_max = range_max if range_max is not None else range_min + num_negatives * (10 if filtered else 1) + most
+    q_vectors = encoder.encode_queries(queries).astype(np.float64)
+    c_vectors = encoder.encode_passages(corpus).astype(np.float64)
+    mined = {}
+    for i, query in enumerate(queries):
+        scores = c_vectors @ q_vectors[i]
+        pool = sorted(range(len(corpus)), key=lambda j: (-scores[j], j))[:range_max + most + 1]
+        own = set(positives[query]) | {query}
+        candidates = [j for j in pool if corpus[j] not in own]
+        positive_scores = [float(c_vectors[corpus.index(p)] @ q_vectors[i]) for p in dict.fromkeys(positives[query])]
+        score = {j: float(scores[j]) for j in candidates}
+        if rescore is not None:
+            score = dict(zip(candidates, rescore(query, [corpus[j] for j in candidates])))
+            positive_scores = list(rescore(query, list(dict.fromkeys(positives[query]))))
+        lowest = min(positive_scores)
+        keep = [j for j in candidates
+                if (absolute_margin is None or score[j] + absolute_margin <= lowest)
+                and (relative_margin is None or score[j] <= lowest - abs(lowest) * relative_margin)
+                and (max_score is None or score[j] <= max_score) and (min_score is None or score[j] >= min_score)]
+        keep = sorted(keep, key=lambda j: (-score[j], j))[:range_max][range_min:]
+        mined[query] = [corpus[j] for j in keep[:num_negatives]]
+    return mined
