@@ -41,8 +41,8 @@ def main():
     args = parser.parse_args()
 
     from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments
-    from hf_contaccum.quickstart import default_encoder_path
     from hf_contaccum.data.sample import load_wordnet_sample
+    from hf_contaccum.quickstart import default_encoder_path
 
     torch.manual_seed(0)
     model = BiEncoder.from_encoder(args.model or default_encoder_path(), normalize=True)

@@ -16,7 +16,7 @@ import json
 import math
 import os
 
-from benchmarks.staleness import N_LOCAL, diagnostics, methods
+from benchmarks.staleness import diagnostics, methods
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEGENERATE = ("query-bank", "passage-only")  # the diagnostics: a bank whose passages outnumber its banked queries
@@ -32,7 +32,10 @@ def step_ratios(losses: list[float], layout: tuple, steps: int) -> list[float]:
 
 
 def replay(ratios: list[float], reads_bank: bool, patience: int = 10) -> dict:
-    from hf_contaccum.core.diagnostics import EmbeddingCollapseError, TrainingDiagnostics
+    from hf_contaccum.core.diagnostics import (
+        EmbeddingCollapseError,
+        TrainingDiagnostics,
+    )
 
     guard, warned_at = TrainingDiagnostics(), None
     for step, ratio in enumerate(ratios, 1):

@@ -14,11 +14,10 @@ import random
 
 import torch
 
-from hf_contaccum import BiEncoder
-from hf_contaccum.quickstart import default_encoder_path
-from hf_contaccum.data.sample import load_wordnet_sample
-
 from benchmarks.tasks import load_debian_packages
+from hf_contaccum import BiEncoder
+from hf_contaccum.data.sample import load_wordnet_sample
+from hf_contaccum.quickstart import default_encoder_path
 
 SAMPLE = 4000
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "confusable_negatives.json")

@@ -34,7 +34,6 @@ import traceback
 import torch
 
 from benchmarks import gpu_paper
-
 from hf_contaccum import BiEncoder, ContAccumLoss
 
 VARIANTS = {"eager": (False, None, False), "compile": (True, None, False),

@@ -46,8 +46,8 @@ def collate_figures():
     from transformers import AutoTokenizer
 
     from hf_contaccum.data.collator import ContrastiveCollator, tokenize_once
-    from hf_contaccum.quickstart import default_encoder_path
     from hf_contaccum.data.sample import load_wordnet_sample
+    from hf_contaccum.quickstart import default_encoder_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
     train, *_ = load_wordnet_sample(max_train=4000)

@@ -43,9 +43,9 @@ def main():
     parser.add_argument("--eval_queries", type=int, default=500)
     parser.add_argument("--corpus_size", type=int, default=3000)
     args = parser.parse_args()
-    from benchmarks.tasks import load_task, save_task
     from safetensors.torch import load_file, save_file
 
+    from benchmarks.tasks import load_task, save_task
     from hf_contaccum.quickstart import default_encoder_path
 
     os.makedirs(os.path.join(args.out, "tasks"), exist_ok=True)

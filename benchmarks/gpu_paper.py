@@ -40,8 +40,9 @@ import tempfile
 import threading
 import time
 
-from benchmarks.harness import device_name, module_command, module_env
 from transformers import TrainerCallback
+
+from benchmarks.harness import device_name, module_command, module_env
 
 METHODS = ["gradaccum", "contaccum-1024", "contaccum-8192", "contaccum-65536", "gradcache", "hybrid", "full",
            "st-cmnrl"]

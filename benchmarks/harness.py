@@ -42,8 +42,8 @@ def peak_memory():
 def load_model_and_pairs(num_pairs, passage_suffix=False):
     """The offline MiniLM and real (definition, lemmas) pairs from the bundled WordNet extract."""
     from hf_contaccum import BiEncoder
-    from hf_contaccum.quickstart import default_encoder_path
     from hf_contaccum.data.sample import load_wordnet_sample
+    from hf_contaccum.quickstart import default_encoder_path
 
     torch.manual_seed(0)
     model = BiEncoder.from_encoder(default_encoder_path(), normalize=True).to(device())

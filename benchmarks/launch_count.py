@@ -26,7 +26,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 import hf_contaccum
-
 from benchmarks import gpu_paper
 
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "lift_fresh", "_local_scalar_dense"}  # allocate, or read

@@ -17,6 +17,7 @@ import platform
 import statistics
 
 import torch
+
 from benchmarks.harness import device, timed, write_result
 
 
@@ -54,7 +55,6 @@ def main():
     args = parser.parse_args()
 
     from benchmarks.tasks import load_task
-
     from hf_contaccum import ContAccumTrainer, ContAccumTrainingArguments
 
     args.passage_max_length = args.passage_max_length or (128 if args.task == "code" else 64)

@@ -31,7 +31,9 @@ def build_losses(model, bank, chunk):
         MultipleNegativesRankingLoss,
     )
 
-    from hf_contaccum.sentence_transformers import ContAccumMultipleNegativesRankingLoss as ContAccumLoss
+    from hf_contaccum.sentence_transformers import (
+        ContAccumMultipleNegativesRankingLoss as ContAccumLoss,
+    )
 
     return {
         "MNRL": MultipleNegativesRankingLoss(model),
@@ -64,8 +66,8 @@ def main():
     from torch.utils.data import BatchSampler, SequentialSampler
     from transformers import TrainerCallback
 
-    from hf_contaccum.quickstart import default_encoder_path
     from hf_contaccum.data.sample import load_wordnet_sample
+    from hf_contaccum.quickstart import default_encoder_path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)

@@ -24,7 +24,14 @@ import argparse
 import json
 import os
 
-from benchmarks.quality import MAX_LENGTHS, N_LOCAL, build_model, load_runs, save, train_and_evaluate
+from benchmarks.quality import (
+    MAX_LENGTHS,
+    N_LOCAL,
+    build_model,
+    load_runs,
+    save,
+    train_and_evaluate,
+)
 from benchmarks.tasks import load_task
 
 

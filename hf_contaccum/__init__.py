@@ -19,7 +19,6 @@ from .settings import ContAccumSettings
 from .version import __version__
 
 __all__ = [
-    "__version__",
     "BiEncoder",
     "BiEncoderConfig",
     "ColumnMap",
@@ -33,4 +32,5 @@ __all__ = [
     "MemoryBank",
     "NoNegativesError",
     "RetrievalEvaluator",
+    "__version__",
 ]

@@ -18,7 +18,12 @@ def default_encoder_path() -> str:
 
 
 def main(argv=None):
-    from . import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments, RetrievalEvaluator
+    from . import (
+        BiEncoder,
+        ContAccumTrainer,
+        ContAccumTrainingArguments,
+        RetrievalEvaluator,
+    )
     from .data.sample import load_wordnet_sample
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,9 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a worker process that crashes (e.g. SIGSEGV) prints its Python stack
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (set before its first use)
 
-from helpers.models import make_tokenizer  # noqa: E402  (after the environment above)
-from helpers.data import toy_rows  # noqa: E402
-from helpers.trainers import DEVICE  # noqa: E402
+from helpers.data import toy_rows
+from helpers.models import make_tokenizer
+from helpers.trainers import DEVICE
 
 if DEVICE.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -5,9 +5,15 @@ import json
 import pytest
 import torch
 from helpers.data import toy_rows
-from helpers.models import make_decoder_tokenizer, make_tokenizer, saved_base_model, tiny_bert_config, tiny_decoder_config
-from helpers.trainers import on_device, trainer_args
+from helpers.models import (
+    make_decoder_tokenizer,
+    make_tokenizer,
+    saved_base_model,
+    tiny_bert_config,
+    tiny_decoder_config,
+)
 from helpers.references import chunked_reference_grads
+from helpers.trainers import on_device, trainer_args
 
 from hf_contaccum import BiEncoder, ContAccumTrainer, ContrastiveCollator
 

@@ -72,7 +72,11 @@ def test_run_msmarco_trains_end_to_end_on_local_files(tmp_path, tiny_checkpoint)
 
 
 def test_cli_trains_a_lora_decoder_with_prompts(tmp_path):
-    from helpers.models import make_decoder_tokenizer, saved_base_model, tiny_decoder_config
+    from helpers.models import (
+        make_decoder_tokenizer,
+        saved_base_model,
+        tiny_decoder_config,
+    )
 
     from hf_contaccum import BiEncoder
 

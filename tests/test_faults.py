@@ -213,7 +213,10 @@ def test_a_stream_read_by_two_workers_names_the_worker_and_quotes_the_row(tmp_pa
 def test_sentence_transformers_data_is_checked_before_training(tmp_path, bad, problem):
     from datasets import Dataset
     from helpers.st import save_encoder, st_model
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
 
     from hf_contaccum.sentence_transformers import ContAccumMultipleNegativesRankingLoss
 

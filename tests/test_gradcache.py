@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 from helpers.models import tiny_model
-from helpers.trainers import on_device, trainer_args
 from helpers.references import chunked_reference_grads, naive_contaccum_loss
+from helpers.trainers import on_device, trainer_args
 
 from hf_contaccum import ContAccumTrainer, ContrastiveCollator
 

@@ -215,7 +215,11 @@ def test_a_sentence_transformers_folder_brings_its_own_settings(tmp_path, tokeni
     and length (from_pretrained on such a folder used to fail: AutoConfig found no model_type); flags given win."""
     from helpers.st import save_encoder
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import (
+        Normalize,
+        Pooling,
+        Transformer,
+    )
 
     from hf_contaccum.cli.train import ModelArguments, build_model
     from hf_contaccum.integrations.training_args import ContAccumTrainingArguments

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from helpers.launch import worker_env
 from helpers.models import tiny_model
 from helpers.references import naive_mining
@@ -79,10 +78,9 @@ def test_mining_finds_what_sentence_transformers_finds(wordnet):
     """Where the options mean the same: the offline MiniLM as a SentenceTransformer, top sampling, n-tuples. The
     differences, documented: our rows keep the input's order (theirs are grouped by query), and a corpus given as
     {id: text} adds negative_i_id columns."""
+    from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives as theirs
-
-    from datasets import Dataset
 
     rows, corpus = wordnet
     model = SentenceTransformer(default_encoder_path(), device="cpu")

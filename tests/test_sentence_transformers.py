@@ -7,8 +7,19 @@ import pytest
 import torch
 from helpers.data import toy_rows
 from helpers.launch import launch
-from helpers.st import assert_same_grads, features, grads_of, save_encoder, st_model, tokenize
-from helpers.trainers import accelerate_told_the_accumulation_steps, assert_trained_alike, trainer_args
+from helpers.st import (
+    assert_same_grads,
+    features,
+    grads_of,
+    save_encoder,
+    st_model,
+    tokenize,
+)
+from helpers.trainers import (
+    accelerate_told_the_accumulation_steps,
+    assert_trained_alike,
+    trainer_args,
+)
 
 st = pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformerTrainer

@@ -12,7 +12,10 @@ from helpers.references import naive_contaccum_loss
 from helpers.st import assert_same_grads, features, grads_of, save_encoder, st_model
 
 pytest.importorskip("sentence_transformers")
-from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers import (
+    SentenceTransformerTrainer,
+    SentenceTransformerTrainingArguments,
+)
 from sentence_transformers.sentence_transformer.losses import (
     AdaptiveLayerLoss,
     CachedMultipleNegativesRankingLoss,
@@ -205,10 +208,9 @@ def test_matryoshka_2d_trains_with_a_bank(tmp_path, encoder):
 
 
 def test_static_embedding_with_mini_batches_is_refused(encoder):
+    from helpers.models import make_tokenizer
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import StaticEmbedding
-
-    from helpers.models import make_tokenizer
 
     static = SentenceTransformer(modules=[StaticEmbedding(make_tokenizer(None), embedding_dim=8)])
     with pytest.raises(ValueError, match="StaticEmbedding"):

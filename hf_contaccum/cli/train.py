@@ -36,11 +36,11 @@ from datasets import load_dataset
 from transformers import HfArgumentParser
 
 from ..data.files import load_training_file, read_corpus, read_qrels, read_queries
-from ..model.hub import read_sentence_transformers_folder
 from ..evaluation.evaluator import RetrievalEvaluator
 from ..integrations.trainer import ContAccumTrainer
 from ..integrations.training_args import ContAccumTrainingArguments
 from ..model.biencoder import BiEncoder
+from ..model.hub import read_sentence_transformers_folder
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,10 @@ def build_model(model_args: ModelArguments, args: ContAccumTrainingArguments, gi
     (`given`: the options on the command line) win."""
     path = model_args.model_name_or_path
     folder = read_sentence_transformers_folder(path) if os.path.isdir(path) else None
-    saved = os.path.isfile(os.path.join(path, "config.json")) and \
-        json.load(open(os.path.join(path, "config.json"))).get("model_type") == "contaccum_biencoder"
+    saved = False
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as handle:
+            saved = json.load(handle).get("model_type") == "contaccum_biencoder"
     if saved:
         model = BiEncoder.from_pretrained(path)
     else:

@@ -55,7 +55,9 @@ class MemoryBank:
         return None if self.queries is None else self.queries.shape[1]
 
     def _allocate(self, dim: int, dtype: torch.dtype, device: torch.device, num_hard_negatives: int) -> None:
-        from .memory import check_fits  # here, not at import: the estimate reads the device's free memory
+        from .memory import (
+            check_fits,  # here, not at import: the estimate reads the device's free memory
+        )
 
         self.num_hard_negatives = num_hard_negatives if self.keep_hard_negatives else 0
         s, h = self.size, self.num_hard_negatives

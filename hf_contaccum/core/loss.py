@@ -13,6 +13,7 @@ backward (no grad, or eval mode) nothing is enqueued and the bank is not read.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 from torch.autograd import Variable
@@ -21,10 +22,10 @@ from ..settings import SIMILARITIES, ContAccumSettings, legacy_arguments, normal
 from .bank import MemoryBank
 from .diagnostics import TrainingDiagnostics
 from .finite import FiniteGuard, nonfinite_error
-from .inputs import LossStats, autocast_off, check_bank_fits, check_inputs
 from .gather import check_equal_shapes, gather_with_grad, gather_without_grad, world
-from .lse_cache import BankLogsumexp
 from .infonce import infonce
+from .inputs import LossStats, autocast_off, check_bank_fits, check_inputs
+from .lse_cache import BankLogsumexp
 from .objective import Objective, extended_infonce
 from .staleness import Staleness
 

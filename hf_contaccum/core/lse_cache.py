@@ -56,7 +56,7 @@ class BankLogsumexp:
         if self.mask:  # a column with the row's positive key, other than that positive itself
             same = keys[None] == bank.passage_keys[rows][:, None, None]
             if isinstance(rows, slice):  # contiguous rows: those in [first, last) are a diagonal
-                start, stop, step = rows.indices(bank.size)
+                start, stop, _ = rows.indices(bank.size)
                 lo, hi = max(start, first), min(stop, last)
                 if lo < hi:
                     same[lo - start:hi - start, lo - first:hi - first, 0].diagonal().fill_(False)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 
-
 from .columns import ColumnMap
 from .keys import passage_keys
 

@@ -6,7 +6,10 @@ import warnings
 from sentence_transformers.util import cos_sim
 
 from .lifecycle import ContAccumCallback
-from .st_loss import CachedContAccumMultipleNegativesRankingLoss, ContAccumMultipleNegativesRankingLoss
+from .st_loss import (
+    CachedContAccumMultipleNegativesRankingLoss,
+    ContAccumMultipleNegativesRankingLoss,
+)
 
 __all__ = ["CachedContAccumMultipleNegativesRankingLoss", "ContAccumBankCallback", "ContAccumLoss",
            "ContAccumMultipleNegativesRankingLoss"]

@@ -7,7 +7,6 @@ fails if a sentence-transformers release changes that.
 """
 from __future__ import annotations
 
-
 from transformers import Trainer
 
 from ..core.bank import bank_bytes

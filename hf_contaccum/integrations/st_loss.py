@@ -24,8 +24,8 @@ from sentence_transformers.util import cos_sim, dot_score
 from torch import nn
 
 from ..citations import CONTACCUM_BIBTEX, GRADCACHE_BIBTEX
-from ..core.loss import ContAccumLoss as CoreLoss
 from ..core.gather import world
+from ..core.loss import ContAccumLoss as CoreLoss
 from ..core.objective import Objective
 from ..data.keys import token_keys
 from ..settings import ContAccumSettings
@@ -161,7 +161,7 @@ class ContAccumMultipleNegativesRankingLoss(nn.Module):
         base = self.name or ""
         widths = self._widths()
         if len(widths) <= 1:
-            return {base: self.banks[str(w)] for w in widths}
+            return {base: self.banks[str(widths[0])]} if widths else {}
         return {f"{base}{'_' if base else ''}d{w}": self.banks[str(w)] for w in widths}
 
     # -- the loss ------------------------------------------------------------------------

@@ -16,9 +16,14 @@ from transformers import Trainer
 
 from ..core.bank import bank_bytes
 from ..core.gradcache import GradCache
-from ..core.memory import check_fits
 from ..core.loss import ContAccumLoss, check_bank_fits
-from ..data.collator import ContrastiveCollator, side_features, split_passages, tokenize_once
+from ..core.memory import check_fits
+from ..data.collator import (
+    ContrastiveCollator,
+    side_features,
+    split_passages,
+    tokenize_once,
+)
 from ..data.validation import check_dataset, checked_stream
 from ..model.card import build_model_card
 from .guards import check_engine_supports_gradcache, check_gradient_scale

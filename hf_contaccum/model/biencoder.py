@@ -23,7 +23,13 @@ from .hub import (
     saved_tokenizer,
     write_sentence_transformers_files,
 )
-from .towers import encoder_from_config, ensure_eos, peft_config_dict, stack_padded, with_adapters
+from .towers import (
+    encoder_from_config,
+    ensure_eos,
+    peft_config_dict,
+    stack_padded,
+    with_adapters,
+)
 
 DEFAULT_MAX_LENGTH = {"query": 64, "passage": 256}
 

@@ -3,6 +3,7 @@ import string
 
 import torch
 
+
 def make_tokenizer(tmp_path):
     """A tiny character-level WordPiece tokenizer: any lowercase text tokenises, no download."""
     from transformers import BertTokenizerFast

@@ -2,7 +2,6 @@
 gradients, and training loops written without the library's loss."""
 import torch
 import torch.nn.functional as F
-
 from helpers.trainers import DEVICE, on_device
 
 from hf_contaccum import ContrastiveCollator

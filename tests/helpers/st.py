@@ -1,6 +1,5 @@
 """sentence-transformers models and batches for the tests: a tiny BERT folder, its SentenceTransformer, features."""
 import torch
-
 from helpers.models import make_tokenizer, tiny_bert_config
 
 try:

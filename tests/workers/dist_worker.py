@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from helpers.data import toy_rows
 from helpers.models import make_tokenizer, tiny_model
 from helpers.trainers import trainer_args
@@ -58,7 +57,6 @@ def main(out_dir, config):
     from datasets import Dataset
 
     from hf_contaccum import BiEncoder, ContAccumTrainer
-
     from hf_contaccum.core.lse_cache import BankLogsumexp
 
     settings = dict(config["args"])

@@ -7,11 +7,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
-
 from helpers.data import toy_rows
 from helpers.models import make_tokenizer, tiny_model
 from helpers.trainers import trainer_args
+from transformers import TrainerCallback
 
 
 class KillAt(TrainerCallback):

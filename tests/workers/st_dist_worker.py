@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from helpers.data import toy_rows
 from helpers.st import features, st_model
 
