@@ -17,9 +17,9 @@ with the same passages encoded now, as a current query sees them:
   dropout      the same logit error between two train-mode encodings of the probe by the final encoder: the
                noise every vector in a training step carries anyway (current rows and columns included)
 
-    python benchmarks/bank_drift.py --task wordnet        # ~10 min on 2 CPU cores
-    python benchmarks/bank_drift.py --encoder scratch --n_total 32 --lr 1e-4 --steps 300   # where a bank fails
-    python benchmarks/bank_drift.py --encoder scratch --n_total 32 --lr 1e-4 --steps 300 --drift_probe 8   # and moved
+    python -m benchmarks.bank_drift --task wordnet        # ~10 min on 2 CPU cores
+    python -m benchmarks.bank_drift --encoder scratch --n_total 32 --lr 1e-4 --steps 300   # where a bank fails
+    python -m benchmarks.bank_drift --encoder scratch --n_total 32 --lr 1e-4 --steps 300 --drift_probe 8   # and moved
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def main():
                         help="scratch: the randomly initialised encoder of staleness.py --encoder scratch")
     parser.add_argument("--bank", default="auto", help='memory_bank_size ("auto" = N_total; 0: gradient accumulation)')
     parser.add_argument("--drift_probe", type=int, default=0, help="bank_drift_probe of the training run (0: off)")
-    parser.add_argument("--output", default=None, help="default benchmarks/results/bank_drift_<task>.json")
+    parser.add_argument("--output", default=None, help="default benchmarks/results/staleness/bank_drift_<task>.json")
     args = parser.parse_args()
 
     from transformers import TrainerCallback
@@ -135,7 +135,7 @@ def main():
     defaults = (args.encoder, args.bank, args.n_total, args.lr) == ("minilm", "auto", 128, 5e-5)
     suffix = "" if defaults else f"_{args.encoder}_n{args.n_total}_lr{args.lr:g}_bank{args.bank}"
     suffix += f"_probe{args.drift_probe}" if args.drift_probe else ""
-    write_result(result, args.output, f"bank_drift_{args.task}{suffix}.json")
+    write_result(result, args.output, f"staleness/bank_drift_{args.task}{suffix}.json")
 
 
 if __name__ == "__main__":

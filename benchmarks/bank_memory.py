@@ -5,9 +5,9 @@ the backward + enqueue (mean and max over enough micro-steps for the write point
 chunk, so the costlier enqueues that begin and end a chunk are in the mean). bert-base's d 768, N_local 8
 with one hard negative, a pre-filled bank. Writes JSON.
 
-    python benchmarks/bank_memory.py --sizes 8192 65536
-    python benchmarks/bank_memory.py --sizes 8192 65536 --steps 5 --output previous.json   # fixed count
-    python benchmarks/bank_memory.py --sizes 8192 65536 --steps 3 --bf16 --output bf16.json  # under bf16 autocast
+    python -m benchmarks.bank_memory --sizes 8192 65536
+    python -m benchmarks.bank_memory --sizes 8192 65536 --steps 5 --output previous.json   # fixed count
+    python -m benchmarks.bank_memory --sizes 8192 65536 --steps 3 --bf16 --output bf16.json  # under bf16 autocast
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="micro-steps per size (default: one chunk's sweep)")
     parser.add_argument("--bf16", action="store_true", help="the loss's forward under bf16 autocast")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                         "bank_memory.json"))
+                                                         "performance", "bank_memory.json"))
     args = parser.parse_args()
     results = [measure(size, steps=args.steps, bf16=args.bf16) for size in args.sizes]
     for r in results:

@@ -9,9 +9,9 @@ its slots holding real training pairs' tokens; with bank_refresh_steps=N the ref
 With --drift_probe P, another: the same bank moved before every step by the drift of a probe of P pairs
 (bank_drift_probe=P: 2 x P texts encoded without gradient, the bank shifted and its cache rebuilt).
 
-    python benchmarks/bank_overhead.py --memory_bank_size 4096 --rounds 6
-    python benchmarks/bank_overhead.py --memory_bank_size 512 --refresh --output benchmarks/results/refresh_cost.json
-    python benchmarks/bank_overhead.py --memory_bank_size 512 --refresh --drift_probe 8 --output benchmarks/results/drift_probe_cost.json
+    python -m benchmarks.bank_overhead --memory_bank_size 4096 --rounds 6
+    python -m benchmarks.bank_overhead --memory_bank_size 512 --refresh --output benchmarks/results/performance/refresh_cost.json
+    python -m benchmarks.bank_overhead --memory_bank_size 512 --refresh --drift_probe 8 --output benchmarks/results/performance/drift_probe_cost.json
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--passage_max_length", type=int, default=32)
     parser.add_argument("--refresh", action="store_true", help="also time the bank refreshed before every step")
     parser.add_argument("--drift_probe", type=int, default=0, help="also time the bank moved by a probe of this many pairs")
-    parser.add_argument("--output", default="benchmarks/results/bank_overhead.json")
+    parser.add_argument("--output", default="benchmarks/results/performance/bank_overhead.json")
     args = parser.parse_args()
 
     from hf_contaccum import BiEncoder, ContAccumTrainer, ContAccumTrainingArguments

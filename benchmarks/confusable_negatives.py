@@ -6,7 +6,7 @@ positive, and how often it is a near duplicate (cosine > 0.9). Used to test whet
 GradNormRatio comes from near-identical packages (it does not: no pair is a near duplicate, and Debian's
 negatives are less confusable than WordNet's).
 
-    python benchmarks/confusable_negatives.py          # ~5 min on 2 CPU cores; Debian needs the apt lists
+    python -m benchmarks.confusable_negatives          # ~5 min on 2 CPU cores; Debian needs the apt lists
 """
 import json
 import os
@@ -20,7 +20,7 @@ from hf_contaccum.data.sample import load_wordnet_sample
 from hf_contaccum.quickstart import default_encoder_path
 
 SAMPLE = 4000
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "confusable_negatives.json")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "false_negatives", "confusable_negatives.json")
 
 
 def confusability(model, train, seed=0):

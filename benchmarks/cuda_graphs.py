@@ -20,8 +20,8 @@ Reading it: if "graphs, grads kept" is as close to eager as "compile" is (the pa
 ~1e-6) and faster than compile, the Trainer could allow CUDA graphs with accumulation by keeping the buffers
 (zeroed .grad for every trainable parameter before the first backward, zero_grad(set_to_none=False) after each step).
 
-    python benchmarks/cuda_graphs.py                    # correctness (~1 min on a GPU, compilation included)
-    python benchmarks/cuda_graphs.py --speed --out benchmarks/results/cuda_graphs_h200.json
+    python -m benchmarks.cuda_graphs                    # correctness (~1 min on a GPU, compilation included)
+    python -m benchmarks.cuda_graphs --speed --out benchmarks/results/gpu/cuda_graphs_h200.json
 """
 from __future__ import annotations
 

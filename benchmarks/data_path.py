@@ -6,7 +6,7 @@
           the offline MiniLM tokenizer: short pairs (64/32 tokens) and long passages (256 tokens,
           one hard negative); plus the one-off cost of tokenising 4,000 rows
 
-    python benchmarks/data_path.py          # ~1 min on 2 CPU cores
+    python -m benchmarks.data_path          # ~1 min on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = {"check": check_figures(), "collate": collate_figures()}
     print(json.dumps(result, indent=1))
-    with open(os.path.join(HERE, "results", "data_path.json"), "w") as f:
+    with open(os.path.join(HERE, "results", "performance", "data_path.json"), "w") as f:
         json.dump(result, f, indent=1)
 
 

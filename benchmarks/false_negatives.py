@@ -6,7 +6,7 @@ word: "bank (noun)" and "bank, cant, camber (noun)") stays a negative. Counts, o
 pairs of the embedded WordNet extract, the expected number of such columns in a row of C random
 other pairs' passages: C x (pairs sharing a lemma with the positive, other text) / (pairs - 1).
 
-    python benchmarks/false_negatives.py      # seconds, no model; writes results/false_negatives_wordnet.json
+    python -m benchmarks.false_negatives      # seconds, no model; writes results/false_negatives/false_negatives_wordnet.json
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def main():
               "same text, masked (per other pair)": duplicates / n / (n - 1),
               "expected unmasked near-duplicates per row": {name: c * per_column for name, c in COLUMNS.items()}}
     print(json.dumps(result, indent=1))
-    print("wrote", write_result(result, None, "false_negatives_wordnet.json"))
+    print("wrote", write_result(result, None, "false_negatives/false_negatives_wordnet.json"))
 
 
 if __name__ == "__main__":

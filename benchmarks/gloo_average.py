@@ -3,7 +3,7 @@ gloo summed instead in torch 2.7 and 2.8 (pytorch/pytorch#162338), so FSDP2 on C
 world-size times too large. hf_contaccum refuses that before training (training_args.check_fsdp2_gradient_average,
 with the same average_of_ones); this prints what a torch does, for README "Versions".
 
-    python benchmarks/gloo_average.py >> benchmarks/results/lowest_versions/gloo_average.jsonl
+    python -m benchmarks.gloo_average >> benchmarks/results/versions/lowest/gloo_average.jsonl
 """
 import json
 import os

@@ -7,7 +7,7 @@
                        machine's apt lists and Python stdlib, which differ on another image), as JSON
   .gpu_carry/test_wheels/  faiss-cpu and evaluate, which the test suite needs besides datasets (18 MiB)
 
-    python benchmarks/gpu_carry.py        # then: run(command="bash benchmarks/gpu_staleness.sh",
+    python -m benchmarks.gpu_carry        # then: run(command="bash benchmarks/gpu_staleness.sh",
                                            #           carry=[".gpu_carry/wheels", ".gpu_carry/minilm", ".gpu_carry/tasks"])
                                            # or run(command="bash benchmarks/gpu_tests.sh",
                                            #        carry=[".gpu_carry/wheels", ".gpu_carry/test_wheels"])

@@ -1,5 +1,5 @@
 # Sourced by the benchmarks/gpu_*.sh scripts, on the device machine: what its image lacks comes as wheels
-# in .gpu_carry (built here by python benchmarks/gpu_carry.py; carry the folders the script names), the
+# in .gpu_carry (built here by python -m benchmarks.gpu_carry; carry the folders the script names), the
 # repository goes on PYTHONPATH, and nothing reaches for the hub.
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 CARRY=$PWD/.gpu_carry

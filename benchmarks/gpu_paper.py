@@ -21,10 +21,10 @@ pre-filled, so every timed step pays for a full bank.
 Reports s/step, per-pair time, ratios to GradAccum, mean GPU utilisation (torch.cuda.utilization,
 needs pynvml; None without it) and torch.cuda.max_memory_allocated, and writes JSON.
 
-    python benchmarks/speed_memory.py --setting gpu-paper          # or: python benchmarks/gpu_paper.py
-    python benchmarks/gpu_paper.py --n_total 128 --methods gradaccum,contaccum-8192,full
-    python benchmarks/gpu_paper.py --tiny                          # a CPU smoke run (tests use it)
-    python benchmarks/gpu_paper.py --report benchmarks/results/gpu_paper_h200   # table + plot of saved runs
+    python -m benchmarks.speed_memory --setting gpu-paper          # or: python -m benchmarks.gpu_paper
+    python -m benchmarks.gpu_paper --n_total 128 --methods gradaccum,contaccum-8192,full
+    python -m benchmarks.gpu_paper --tiny                          # a CPU smoke run (tests use it)
+    python -m benchmarks.gpu_paper --report benchmarks/results/gpu/paper_h200   # table + plot of saved runs
 
 Budget: about 8 methods x (start-up + (warmup + steps) x s/step); at N_total 512 with
 GradAccum near 3-7 s/step on an H100 that is 5-7 minutes with --steps 3.
@@ -331,7 +331,7 @@ def main(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--tiny", action="store_true", help="a tiny BERT and short texts: a smoke run on a CPU")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                      "gpu_paper.json"))
+                                                      "gpu", "gpu_paper.json"))
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile the first timed step of each method into DIR/profile_<method>.txt")
     parser.add_argument("--trainer_args", default="{}", help="JSON of extra training arguments for every method, "

@@ -3,7 +3,7 @@
 # held-out task's), 3 seeds. One process per (task, method, seed), PARALLEL of them at a time, taken in the order
 # of JOBS (most important first); every job must end before LIMIT seconds from the start, so a call cut short
 # still returns the jobs that finished, each saved to its own JSON and merged per task at the end.
-# Here, first: python benchmarks/gpu_carry.py (builds .gpu_carry/: wheels, MiniLM in fp16, the two built tasks);
+# Here, first: python -m benchmarks.gpu_carry (builds .gpu_carry/: wheels, MiniLM in fp16, the two built tasks);
 # then run(command="bash benchmarks/gpu_staleness.sh", carry=[".gpu_carry/wheels", ".gpu_carry/minilm",
 # ".gpu_carry/tasks"], timeout_s=...) (49 MiB: the test wheels would take the call over its 64 MiB).
 # JOBS is a list of task:method (each run for seeds 0 .. SEEDS-1) or task:method:seed. Sizing, from the H200 run of
@@ -43,7 +43,7 @@ job() {  # task:method:seed, given the seconds left before the deadline
     left=$(( DEADLINE - $(date +%s) ))
     [ "$left" -gt 30 ] || { echo "skipped (no time left): $1"; return 0; }
     name="$RUNS/${task}_${method}_seed$seed"
-    timeout "$left" python3 benchmarks/staleness.py --task "$task" --n_total "$N_TOTAL" --steps "$STEPS" --lr "$LR" \
+    timeout "$left" python -m benchmarks.staleness --task "$task" --n_total "$N_TOTAL" --steps "$STEPS" --lr "$LR" \
         --seeds 1 --first_seed "$seed" --methods "$method" --output "$name.json" > "$name.log" 2>&1
     rc=$?; echo "$(date +%T) rc $rc $1"
 }
@@ -56,6 +56,6 @@ date
 for task in $(for entry in $JOBS; do echo "${entry%%:*}"; done | sort -u); do
     ls "$RUNS/${task}"_*.json >/dev/null 2>&1 || continue
     echo "== $task"
-    python3 benchmarks/staleness.py --merge "$OUT/staleness_${task}_n${N_TOTAL}.json" "$RUNS/${task}"_*.json
+    python -m benchmarks.staleness --merge "$OUT/staleness_${task}_n${N_TOTAL}.json" "$RUNS/${task}"_*.json
 done
 tar czf "$OUT/staleness_runs.tgz" -C "$(dirname "$RUNS")" "$(basename "$RUNS")"  # every run's JSON and log

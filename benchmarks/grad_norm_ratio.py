@@ -10,7 +10,7 @@ problem) of gradient accumulation, pre-batch negatives and ContAccum, logging at
   grad_norm_ratio_towers  passage tower over query tower parameter-gradient norm (the paper's
                           definition; separate towers only)
 
-    python benchmarks/grad_norm_ratio.py --task wordnet      # ~10 min on 2 CPU cores
+    python -m benchmarks.grad_norm_ratio --task wordnet      # ~10 min on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def main():
     parser.add_argument("--separate_towers", nargs="*", default=["prebatch-1024", "contaccum-1024"])
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    output = args.output or os.path.join(HERE, "results", f"grad_norm_ratio_{args.task}")
+    output = args.output or os.path.join(HERE, "results", "grad_norm_ratio", f"grad_norm_ratio_{args.task}")
     data = load_task(args.task, 50, 200)
     runs = []
     plan = [(m, True) for m in METHODS] + [(m, False) for m in args.separate_towers]

@@ -2,7 +2,7 @@
 the second forward. Each configuration runs in its own process (so peak memory is its
 own); the list is run twice in opposite orders and the medians kept.
 
-    python benchmarks/gradcache_memory.py --batch 64 --chunks 64 32 16 8
+    python -m benchmarks.gradcache_memory --batch 64 --chunks 64 32 16 8
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def main():
                         help="GradCache chunk sizes; the plain full-batch step always runs too")
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--output", default="benchmarks/results/gradcache_memory.json")
+    parser.add_argument("--output", default="benchmarks/results/performance/gradcache_memory.json")
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.config:

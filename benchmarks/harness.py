@@ -57,6 +57,7 @@ def load_model_and_pairs(num_pairs, passage_suffix=False):
 def write_result(result: dict, output: str | None, default_name: str) -> str:
     """The raw result as JSON: at `output`, or benchmarks/results/<default_name>."""
     output = output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", default_name)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(result, f, indent=1)
     return output

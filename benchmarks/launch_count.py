@@ -10,8 +10,8 @@ enqueue at the end of the backward included), the autograd engine's backward ker
 (the optimizer, the Trainer). Views and allocations, which launch nothing, are counted apart. A count, not a time:
 the same on every machine for one torch version.
 
-    python benchmarks/launch_count.py                          # tiny BERT, N_total 64
-    python benchmarks/launch_count.py --bert_base --n_total 64 --out benchmarks/results/launch_count_bert_base.json
+    python -m benchmarks.launch_count                          # tiny BERT, N_total 64
+    python -m benchmarks.launch_count --bert_base --n_total 64 --out benchmarks/results/performance/launch_count_bert_base.json
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def main(argv=None):
                         "(on 2 CPU cores ~6 min per method at --n_total 64) instead of a tiny BERT")
     parser.add_argument("--trainer_args", default="{}", help="JSON of extra training arguments for every method")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                      "launch_count.json"))
+                                                      "performance", "launch_count.json"))
     args = parser.parse_args(argv)
     encoder = gpu_paper.encoder_folder(not args.bert_base)
     results = [count(method, args.n_total, args.bert_base, encoder, json.loads(args.trainer_args))

@@ -12,7 +12,7 @@ decoder built from a config (random weights, last-token pooling with EOS, the Mi
 tokenizer's vocabulary; no pretrained decoder is available offline, so its retrieval
 quality says nothing and only its memory and speed are compared).
 
-    python benchmarks/lora_decoder.py [--steps 20] [--out benchmarks/results/lora_decoder.json]
+    python -m benchmarks.lora_decoder [--steps 20] [--out benchmarks/results/lora_decoder/lora_decoder.json]
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--n_local", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--bank", type=int, default=128)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lora_decoder.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lora_decoder", "lora_decoder.json"))
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
     if args.one:

@@ -5,9 +5,9 @@ the two settings interleaved round by round (machine drift hits both alike), med
 One call halves the tower's kernel launches and pays for the queries padded to the passages' length, so it
 wins where a micro-step is launch-bound and loses where it is compute-bound; this measures both ends:
 
-    python benchmarks/one_tower_call.py --encoder tiny      # a 2-layer d-64 BERT: host/launch-bound
-    python benchmarks/one_tower_call.py --encoder minilm    # all-MiniLM-L6-v2: compute-bound on a CPU
-    python benchmarks/one_tower_call.py --encoder minilm --task code   # short queries, long passages (code)
+    python -m benchmarks.one_tower_call --encoder tiny      # a 2-layer d-64 BERT: host/launch-bound
+    python -m benchmarks.one_tower_call --encoder minilm    # all-MiniLM-L6-v2: compute-bound on a CPU
+    python -m benchmarks.one_tower_call --encoder minilm --task code   # short queries, long passages (code)
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--query_max_length", type=int, default=32)
     parser.add_argument("--passage_max_length", type=int, default=None, help="default 64 (wordnet), 128 (code)")
     parser.add_argument("--output", default=None,
-                        help="default benchmarks/results/one_tower_call_<encoder>[_<task>].json")
+                        help="default benchmarks/results/performance/one_tower_call_<encoder>[_<task>].json")
     args = parser.parse_args()
 
     from benchmarks.tasks import load_task
@@ -107,7 +107,7 @@ def main():
     print(json.dumps({k: result[k] for k in ("median_seconds_per_step", "median_paired_ratio_one_over_two",
                                              "tokens_per_step_ratio_one_over_two")}, indent=1))
     write_result(result, args.output,
-                 f"one_tower_call_{args.encoder}{'' if args.task == 'wordnet' else '_' + args.task}.json")
+                 f"performance/one_tower_call_{args.encoder}{'' if args.task == 'wordnet' else '_' + args.task}.json")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ Model: the offline all-MiniLM-L6-v2. Tasks (--task):
   code     Python code search (query = a docstring's first sentence, relevant = the function's
            code), built from the interpreter's standard library: see benchmarks/code_search.py.
 
-    python benchmarks/quality.py --quick                 # N_total 32, 3 seeds; ~8 min on 2 CPU cores
-    python benchmarks/quality.py                         # N_total 128, 3 seeds (hours on a CPU)
-    python benchmarks/quality.py --task debian --quick
-    python benchmarks/quality.py ... --resume            # go on after a stop, or add --sweep sizes
+    python -m benchmarks.quality --quick                 # N_total 32, 3 seeds; ~8 min on 2 CPU cores
+    python -m benchmarks.quality                         # N_total 128, 3 seeds (hours on a CPU)
+    python -m benchmarks.quality --task debian --quick
+    python -m benchmarks.quality ... --resume            # go on after a stop, or add --sweep sizes
 """
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def main():
     parser.add_argument("--corpus_size", type=int, default=None)
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in the output JSON (same settings) and run only the missing ones")
-    parser.add_argument("--output", default=None, help="path prefix; default benchmarks/results/quality_<task>")
+    parser.add_argument("--output", default=None, help="path prefix; default benchmarks/results/quality/quality_<task>")
     args = parser.parse_args()
     n_total = args.n_total or (32 if args.quick else 128)
     bank = args.bank or (128 if args.quick else 1024)
@@ -177,7 +177,7 @@ def main():
 
     from hf_contaccum.evaluation import RetrievalEvaluator
 
-    output = args.output or f"benchmarks/results/quality_{args.task}"
+    output = args.output or f"benchmarks/results/quality/quality_{args.task}"
     max_lengths = MAX_LENGTHS[args.task]
     train, queries, corpus, qrels = load_task(args.task, eval_queries, corpus_size)
     evaluator = RetrievalEvaluator(queries, corpus, qrels, k_values=(10, 100), query_max_length=max_lengths[0],

@@ -12,9 +12,9 @@ All use the offline all-MiniLM-L6-v2 and real WordNet (definition, lemmas) pairs
 (method, N_total) runs in its own process (peak memory is its own); the grid runs
 `--repeats` times in alternating order and medians are kept. Writes raw JSON and a PNG.
 
-    python benchmarks/speed_memory.py --quick     # N_total 32, 64, 128; under 10 min on 2 CPU cores
-    python benchmarks/speed_memory.py             # N_total 32 ... 512, 2 repeats (long on a CPU)
-    python benchmarks/speed_memory.py --setting gpu-paper [options]   # bert-base, 256-token passages,
+    python -m benchmarks.speed_memory --quick     # N_total 32, 64, 128; under 10 min on 2 CPU cores
+    python -m benchmarks.speed_memory             # N_total 32 ... 512, 2 repeats (long on a CPU)
+    python -m benchmarks.speed_memory --setting gpu-paper [options]   # bert-base, 256-token passages,
                                                   # through trainer.train(): see benchmarks/gpu_paper.py
 """
 from __future__ import annotations
@@ -162,7 +162,7 @@ def main():
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (after one warm-up)")
-    parser.add_argument("--output", default="benchmarks/results/speed_memory")
+    parser.add_argument("--output", default="benchmarks/results/speed_memory/speed_memory")
     parser.add_argument("--summarize", nargs="+", default=None,
                         help="only recompute the summary and plot of a results JSON; several are merged into "
                              "OUTPUT.json (e.g. a quick run and a run at N_total 256 512)")

@@ -8,7 +8,7 @@ pre-filled, so every timed step pays for a full bank. Reports the median seconds
 step and the median of per-round ratios to MultipleNegativesRankingLoss; writes JSON and
 a plot.
 
-    python benchmarks/st_loss_overhead.py --rounds 5          # ~6 min on 2 CPU cores
+    python -m benchmarks.st_loss_overhead --rounds 5          # ~6 min on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def main():
     parser.add_argument("--mini_batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run (after one warm-up)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--output", default=os.path.join(HERE, "results", "st_loss_overhead"))
+    parser.add_argument("--output", default=os.path.join(HERE, "results", "st_loss", "st_loss_overhead"))
     parser.add_argument("--plot_only", action="store_true", help="redraw the plot from the output's JSON")
     args = parser.parse_args()
     if args.plot_only:

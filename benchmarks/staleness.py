@@ -8,11 +8,11 @@ step (bank_refresh_steps=1, ANCE's refresh: no banked vector older than the step
 4 steps (a quarter of the cost), against gradient accumulation, GradCache (exact large-batch gradients) and one full batch.
 Mean +- sd over seeds of nDCG@10 and Recall@100.
 
-    python benchmarks/staleness.py --task wordnet --n_total 32 --steps 100 --seeds 2
-    python benchmarks/staleness.py ... --resume --seeds 3     # add a seed to a finished run
+    python -m benchmarks.staleness --task wordnet --n_total 32 --steps 100 --seeds 2
+    python -m benchmarks.staleness ... --resume --seeds 3     # add a seed to a finished run
     bash benchmarks/gpu_staleness.sh                          # N_total 128, 3 tasks x 3 seeds on one GPU
-    python benchmarks/staleness.py ... --methods contaccum-512-query-bank-128   # a diagnostic (see diagnostics())
-    python benchmarks/staleness.py --encoder scratch --n_total 32 --steps 300 --lr 5e-4   # no pretraining at all
+    python -m benchmarks.staleness ... --methods contaccum-512-query-bank-128   # a diagnostic (see diagnostics())
+    python -m benchmarks.staleness --encoder scratch --n_total 32 --steps 300 --lr 5e-4   # no pretraining at all
 
 A maximum age is not a separate setting: entries join a FIFO bank every micro-step, so the
 oldest is N_mem / N_total optimizer steps old, and a maximum age of A steps is exactly a
@@ -93,7 +93,7 @@ def main():
     parser.add_argument("--eval_queries", type=int, default=500)
     parser.add_argument("--corpus_size", type=int, default=3000)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--output", default=None, help="default benchmarks/results/staleness_<task>.json")
+    parser.add_argument("--output", default=None, help="default benchmarks/results/staleness/staleness_<task>.json")
     parser.add_argument("--first_seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all but the diagnostics, which run only when named)")
     parser.add_argument("--encoder", choices=("minilm", "scratch"), default="minilm",
@@ -109,7 +109,7 @@ def main():
 
     from hf_contaccum.evaluation import RetrievalEvaluator
 
-    path = args.output or f"benchmarks/results/staleness_{args.task}.json"
+    path = args.output or f"benchmarks/results/staleness/staleness_{args.task}.json"
     max_lengths = MAX_LENGTHS[args.task]
     train, queries, corpus, qrels = load_task(args.task, args.eval_queries, args.corpus_size)
     evaluator = RetrievalEvaluator(queries, corpus, qrels, k_values=(10, 100), query_max_length=max_lengths[0],
