@@ -54,10 +54,25 @@ def load_model_and_pairs(num_pairs, passage_suffix=False):
     return model, rows
 
 
+def provenance() -> dict:
+    """Hardware, versions and command of a run, recorded with its result (docs' results pages show them)."""
+    import platform
+
+    import transformers
+
+    hardware = device_name() if device() == "cuda" else f"{platform.processor() or platform.machine()}, " \
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
+    return {"hardware": hardware, "versions": versions, "command": "python -m " + " ".join(
+        [sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else sys.argv[0]]
+        + sys.argv[1:]), "date": time.strftime("%Y-%m-%d")}
+
+
 def write_result(result: dict, output: str | None, default_name: str) -> str:
     """The raw result as JSON: at `output`, or benchmarks/results/<default_name>."""
     output = output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", default_name)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    result = {**result, "provenance": provenance()}
     with open(output, "w") as f:
         json.dump(result, f, indent=1)
     return output

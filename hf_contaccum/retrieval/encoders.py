@@ -17,6 +17,9 @@ from ..settings import normalize
 
 @dataclass
 class Encoder:
+    """A model's two encode functions, giving float32 numpy vectors ready for inner-product search; make one with
+    as_encoder."""
+
     model: object
     similarity: str  # "cos" or "dot"
     name: str
@@ -24,9 +27,11 @@ class Encoder:
     show_progress: bool = False
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """(len texts, d) vectors of queries: the query tower, the query prompt."""
         return self._encode(texts, "query")
 
     def encode_passages(self, texts: list[str]) -> np.ndarray:
+        """(len texts, d) vectors of passages: the passage tower, the passage prompt."""
         return self._encode(texts, "passage")
 
     def _encode(self, texts, side) -> np.ndarray:
