@@ -97,7 +97,7 @@ def rows_of(data) -> tuple[str | None, list[dict] | None]:
             if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
                 return key, value
             if isinstance(value, dict) and value and all(isinstance(r, dict) for r in value.values()):
-                return key, [{"": name, **row} for name, row in value.items()]
+                return key, [{"method": name, **row} for name, row in value.items()]
         if data and all(isinstance(v, dict) for v in data.values()):
             return None, [{"": name, **row} for name, row in data.items()]
     return None, None
@@ -190,7 +190,7 @@ def section(path: str, study: str, about: dict, plots: bool) -> list[str]:
 def pytest_summary(path: str) -> str:
     with open(path, errors="replace") as f:
         found = [line.strip().strip("=").strip() for line in f if " passed" in line or " failed" in line]
-    return found[-1] if found else "no pytest summary in the log"
+    return found[-1] if found else None
 
 
 def page(study: str, about: dict, plots: bool) -> str:
@@ -205,21 +205,20 @@ def page(study: str, about: dict, plots: bool) -> str:
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         lines += [f"## {os.path.relpath(path, os.path.join(RESULTS, study))}", ""] + table(rows) + [""]
-    logs = sorted(glob.glob(os.path.join(RESULTS, study, "**", "*.log"), recursive=True))
-    if logs:
+    logs = [(p, pytest_summary(p)) for p in sorted(glob.glob(os.path.join(RESULTS, study, "**", "*.log"),
+                                                            recursive=True))]
+    if any(summary for _, summary in logs):
         lines += ["## Test logs", "", "The last summary line pytest printed in each log.", "",
                   "| log | summary |", "|---|---|"]
-        lines += [f"| `{os.path.relpath(p, os.path.join(RESULTS, study))}` | {number(pytest_summary(p))} |" for p in logs]
+        lines += [f"| `{os.path.relpath(p, os.path.join(RESULTS, study))}` | {number(summary)} |"
+                  for p, summary in logs if summary]
         lines += [""]
-    for path in sorted(glob.glob(os.path.join(RESULTS, study, "**", "README.md"), recursive=True)):
-        with open(path) as f:
-            note = f.read().strip()
-        lines += [f"## Notes: {os.path.relpath(os.path.dirname(path), RESULTS)}", "", note, ""]
     others = sorted(os.path.relpath(p, RESULTS) for p in glob.glob(os.path.join(RESULTS, study, "**", "*"),
                                                                    recursive=True)
-                    if os.path.isfile(p) and not p.endswith((".json", ".jsonl", ".log", ".png", ".svg", "README.md")))
+                    if os.path.isfile(p) and not p.endswith((".json", ".jsonl", ".png", ".svg"))
+                    and not (p.endswith(".log") and pytest_summary(p)))
     if others:
-        lines += ["## Other raw files", ""] + [f"- `benchmarks/results/{p}`" for p in others] + [""]
+        lines += ["## Other raw files", "", "Logs, console output and the notes written beside the runs:", ""] + [f"- `benchmarks/results/{p}`" for p in others] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -283,7 +282,7 @@ def headline(draw: bool) -> None:
 
     plt.rcParams["svg.hashsalt"] = "contaccum"
     rows = [(label, names) for label, names, _ in DECISION if names]
-    fig, axes = plt.subplots(1, len(QUALITY), figsize=(4 * len(QUALITY), 3.4))
+    fig, axes = plt.subplots(1, len(QUALITY), figsize=(5 * len(QUALITY), 3.4))
     for ax, (task, name) in zip(axes, QUALITY):
         data = load(name)
         table_ = {r["method"]: r for r in data["table"]}
@@ -296,8 +295,6 @@ def headline(draw: bool) -> None:
         low = min(min(r["ndcg@10"] for _, r in found), data["pretrained"]["ndcg@10"])
         ax.set_xlim(low - 0.02, max(r["ndcg@10"] for _, r in found) + 0.01)
         ax.set(title=f"{task}, N_total {data['n_total']}", xlabel="nDCG@10")
-        if ax is not axes[0]:
-            ax.set_yticklabels([])
     axes[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.join(DOCS, "img"), exist_ok=True)
