@@ -83,8 +83,8 @@ def flat(settings: dict, prefix: str = "") -> dict:
     for key, value in settings.items():
         if scalar(value):
             out[prefix + key] = value
-        elif isinstance(value, dict) and not prefix and all(scalar(v) for v in value.values()):
-            out.update(flat(value, key + "."))
+        elif isinstance(value, dict) and not prefix and key != "provenance":
+            out.update(flat({k: v for k, v in value.items() if scalar(v)}, key + "."))
     return out
 
 
@@ -96,8 +96,8 @@ def rows_of(data) -> tuple[str | None, list[dict] | None]:
             value = data.get(key)
             if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
                 return key, value
-            if isinstance(value, dict) and value and all(isinstance(r, dict) for r in value.values()):
-                return key, [{"method": name, **row} for name, row in value.items()]
+            if isinstance(value, dict) and any(isinstance(r, dict) for r in value.values()):
+                return key, [{"method": name, **row} for name, row in value.items() if isinstance(row, dict)]
         if data and all(isinstance(v, dict) for v in data.values()):
             return None, [{"": name, **row} for name, row in data.items()]
     return None, None
