@@ -18,12 +18,11 @@ from hf_contaccum.quickstart import default_encoder_path
 from hf_contaccum.retrieval.encoders import as_encoder
 from hf_contaccum.retrieval.mining import mine_hard_negatives
 
-FILTERS = [
+FILTERS = [  # the defaults in the fast tier, each filter in the full suite (each encodes the corpus again)
     {},
-    {"range_min": 2, "range_max": 12},
-    {"max_score": 0.6},
-    {"relative_margin": 0.05},
-    {"absolute_margin": 0.1, "min_score": 0.1},
+    *(pytest.param(options, marks=pytest.mark.slow) for options in (
+        {"range_min": 2, "range_max": 12}, {"max_score": 0.6}, {"relative_margin": 0.05},
+        {"absolute_margin": 0.1, "min_score": 0.1})),
 ]
 
 
@@ -53,7 +52,8 @@ def _assert_same(mined, reference, count):
     assert all(got[q] == complete[q] for q in got), [q for q in got if got[q] != complete[q]][:3]
 
 
-@pytest.mark.parametrize("options", FILTERS, ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize("options", FILTERS, ids=["defaults", "range_min,range_max", "max_score", "relative_margin",
+                                                 "absolute_margin,min_score"])
 def test_mining_equals_a_brute_force_reference_on_wordnet(wordnet, minilm, options):
     rows, corpus = wordnet
     mined = mine_hard_negatives(rows, minilm, corpus, num_negatives=3, show_progress=False, **options)
@@ -74,6 +74,7 @@ def test_mining_a_random_corpus_in_shards_equals_the_whole(tmp_path, tokenizer):
     _assert_same(whole, naive_mining(rows, [], as_encoder(model), 4), 4)
 
 
+@pytest.mark.slow
 def test_mining_finds_what_sentence_transformers_finds(wordnet):
     """Where the options mean the same: the offline MiniLM as a SentenceTransformer, top sampling, n-tuples. The
     differences, documented: our rows keep the input's order (theirs are grouped by query), and a corpus given as
@@ -93,6 +94,7 @@ def test_mining_finds_what_sentence_transformers_finds(wordnet):
         assert got == expected, options
 
 
+@pytest.mark.slow
 def test_a_cross_encoder_rescores_and_ids_follow_the_negatives(wordnet, minilm):
     """A cross-encoder's scores replace the model's for the filters (here a stand-in scoring by shared letters);
     with a corpus of ids, the positive is found by its id and negatives carry theirs; triplets, one per negative."""
