@@ -93,6 +93,24 @@ def test_every_test_the_docs_cite_exists():
                 assert re.search(rf"^def {name}\(", f.read(), re.MULTILINE), f"the docs cite {path}::{name}, which is gone"
 
 
+def test_every_docs_page_the_code_cites_exists_with_its_anchor():
+    """Docstrings, help strings and errors point to docs/<page>.md#<anchor>: each page and heading is there."""
+    cited = set()
+    for folder in ("hf_contaccum", "benchmarks"):
+        for base, _, names in os.walk(os.path.join(ROOT, folder)):
+            for name in (n for n in names if n.endswith(".py")):
+                with open(os.path.join(base, name), encoding="utf-8") as f:
+                    cited |= set(re.findall(r"(docs/[a-z/-]+\.md)(?:#([a-z0-9-]+))?", f.read()))
+    assert cited
+    for page, anchor in sorted(cited):
+        assert os.path.exists(os.path.join(ROOT, page)), f"the code cites {page}, which does not exist"
+        if anchor:
+            with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+                headings = re.findall(r"^#+ (.*)$", f.read(), re.MULTILINE)
+            slugs = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+            assert anchor in slugs, f"the code cites {page}#{anchor}, and {page} has no such heading"
+
+
 def test_results_pages_and_decision_table_are_up_to_date():
     from benchmarks import report
 
