@@ -8,7 +8,7 @@ pre-filled, so every timed step pays for a full bank. Reports the median seconds
 step and the median of per-round ratios to MultipleNegativesRankingLoss; writes JSON and
 a plot.
 
-    python -m benchmarks.st_loss_overhead --rounds 5          # ~6 min on 2 CPU cores
+    python -m benchmarks.st_loss_overhead --rounds 7          # ~10 min on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def main():
     from torch.utils.data import BatchSampler, SequentialSampler
     from transformers import TrainerCallback
 
+    from benchmarks.harness import provenance
     from hf_contaccum.data.sample import load_wordnet_sample
     from hf_contaccum.quickstart import default_encoder_path
 
@@ -124,7 +125,7 @@ def main():
               "rounds": args.rounds, "device": str(model.device), "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(), "seconds_per_step": times,
               "median_seconds_per_step": median, "median_paired_ratio_to_mnrl": paired,
-              "loss_only_ms_per_micro_batch": loss_only, "micro_step_ms": micro_step}
+              "loss_only_ms_per_micro_batch": loss_only, "micro_step_ms": micro_step, "provenance": provenance()}
     print(json.dumps({"median_seconds_per_step": median, "median_paired_ratio_to_mnrl": paired}, indent=1))
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output + ".json", "w") as f:
