@@ -54,7 +54,7 @@ def number(value) -> str:
         return "0"
     if abs(value) < 1e-3:
         return f"{value:.3g}"
-    digits = max(0, 3 - int(math.floor(math.log10(abs(value)))))
+    digits = max(0, 3 - math.floor(math.log10(abs(value))))
     return f"{value:,.{min(digits, 6)}f}"
 
 
@@ -317,7 +317,10 @@ def main(argv=None) -> int:
     stale = []
     for path, text in outputs(plots=not args.check).items():
         name = os.path.relpath(path, os.path.dirname(DOCS))
-        current = open(path).read() if os.path.exists(path) else None
+        current = None
+        if os.path.exists(path):
+            with open(path) as f:
+                current = f.read()
         if current != text:
             stale.append(name)
             if not args.check:

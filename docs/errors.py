@@ -93,7 +93,10 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     text = page()
-    current = open(PAGE, encoding="utf-8").read() if os.path.exists(PAGE) else None
+    current = None
+    if os.path.exists(PAGE):
+        with open(PAGE, encoding="utf-8") as f:
+            current = f.read()
     if args.check:
         if current != text:
             print("docs/troubleshooting.md is out of date: run python docs/errors.py", file=sys.stderr)

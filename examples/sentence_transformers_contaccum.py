@@ -27,8 +27,8 @@ def main(argv=None):
     )
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
-    from hf_contaccum.quickstart import default_encoder_path
     from hf_contaccum.data.sample import load_wordnet_sample
+    from hf_contaccum.quickstart import default_encoder_path
     from hf_contaccum.sentence_transformers import ContAccumMultipleNegativesRankingLoss
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,8 +24,8 @@ class TruncatedEmbeddingTrainer(ContAccumTrainer):
 
 
 def main(argv=None):
-    from hf_contaccum.quickstart import default_encoder_path
     from hf_contaccum.data.sample import load_wordnet_sample
+    from hf_contaccum.quickstart import default_encoder_path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=128, help="dimensions kept")

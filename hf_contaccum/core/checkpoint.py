@@ -103,7 +103,7 @@ def read_bank(path: str) -> dict:
                             "from the checkpoint before this one")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch reports truncation, bad zip entries and foreign pickles in many ways
+    except Exception as err:  # noqa: BLE001 - torch reports truncation, bad zip entries and foreign pickles in many ways
         raise BankFileError(f"{path} cannot be read as a memory bank file ({type(err).__name__}: {str(err)[:200]}): "
                             "it is truncated, corrupted or not a bank file. Resume from another checkpoint") from None
     if not isinstance(saved, dict) or "meta" not in saved or saved["meta"].get("format") != FORMAT:
