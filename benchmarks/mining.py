@@ -86,7 +86,7 @@ def speed(args) -> dict:
 
 
 def quality(args) -> dict:
-    from benchmarks.quality import MAX_LENGTHS, N_LOCAL, train_and_evaluate
+    from benchmarks.quality import MAX_LENGTHS, N_LOCAL, build_model, train_and_evaluate
     from benchmarks.tasks import load_task
     from hf_contaccum.evaluation import RetrievalEvaluator
     from hf_contaccum.quickstart import default_encoder_path
@@ -97,7 +97,7 @@ def quality(args) -> dict:
     evaluator = RetrievalEvaluator(queries, corpus, qrels, k_values=(10, 100), show_progress=False,
                                    query_max_length=max_lengths[0], passage_max_length=max_lengths[1])
     pairs = train.select_columns(["query", "positive", "positive_id"])
-    if len(pairs) > args.train_rows:  # a run reads 3,200 rows: mining all of a large task's pairs would only cost time
+    if len(pairs) > args.train_rows:  # a run reads steps x N_total rows: mining all of a large task's would only cost time
         pairs = pairs.shuffle(seed=0).select(range(args.train_rows))
     datasets = {}
     for name, options in VARIANTS.items():
@@ -119,7 +119,7 @@ def quality(args) -> dict:
                     if args.seeds > 1 else 0.0, "rows": len(datasets[name])} for name in datasets}
     return {"task": args.task, "train_rows": len(pairs), "n_total": args.n_total, "steps": args.steps, "lr": args.lr,
             "seeds": args.seeds,
-            "pretrained": evaluator(__import__("benchmarks.quality", fromlist=["build_model"]).build_model()),
+            "pretrained": evaluator(build_model()),
             "runs": runs, "table": table}
 
 

@@ -19,8 +19,8 @@ from hf_contaccum.retrieval.encoders import as_encoder
 from hf_contaccum.retrieval.mining import mine_hard_negatives
 
 FILTERS = [  # the defaults in the fast tier, each filter in the full suite (each encodes the corpus again)
-    {},
-    *(pytest.param(options, marks=pytest.mark.slow) for options in (
+    pytest.param({}, id="defaults"),
+    *(pytest.param(options, marks=pytest.mark.slow, id=",".join(options)) for options in (
         {"range_min": 2, "range_max": 12}, {"max_score": 0.6}, {"relative_margin": 0.05},
         {"absolute_margin": 0.1, "min_score": 0.1})),
 ]
@@ -52,8 +52,7 @@ def _assert_same(mined, reference, count):
     assert all(got[q] == complete[q] for q in got), [q for q in got if got[q] != complete[q]][:3]
 
 
-@pytest.mark.parametrize("options", FILTERS, ids=["defaults", "range_min,range_max", "max_score", "relative_margin",
-                                                 "absolute_margin,min_score"])
+@pytest.mark.parametrize("options", FILTERS)
 def test_mining_equals_a_brute_force_reference_on_wordnet(wordnet, minilm, options):
     rows, corpus = wordnet
     mined = mine_hard_negatives(rows, minilm, corpus, num_negatives=3, show_progress=False, **options)
